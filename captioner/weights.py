@@ -1,0 +1,140 @@
+"""The weights folder: what training writes, the Hub repo holds and the app loads.
+
+    config.json          model config, special tokens, sha256 of each file below
+    vocab.json           the vocabulary (ids in order)
+    decoder.weights.h5   the caption model's weights (Keras .weights.h5: arrays only, no code, no pickle)
+    metrics.json         optional: test-split scores
+    README.md, *.png     optional: model card and training plot
+
+The image encoder's ImageNet weights are not in the folder: Keras loads them
+from ~/.keras/models/ (downloading them there once if missing).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from .model import ModelConfig
+from .vocabulary import SPECIAL_TOKENS, Vocabulary
+
+CONFIG_FILE, VOCAB_FILE, WEIGHTS_FILE, METRICS_FILE = "config.json", "vocab.json", "decoder.weights.h5", "metrics.json"
+CHECKSUMMED_FILES = (VOCAB_FILE, WEIGHTS_FILE)
+HUB_FILES = [CONFIG_FILE, VOCAB_FILE, WEIGHTS_FILE, METRICS_FILE, "README.md", "*.png"]
+BUNDLED_WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
+FORMAT_VERSION = 1
+
+
+class WeightsError(RuntimeError):
+    """Weights can't be found, fetched or trusted; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class WeightsFolder:
+    path: Path
+    config: ModelConfig
+    encoder_weights: str  # "imagenet", or "random" (tests and --random-encoder recipes only)
+    source: str  # where it came from, for the user: "bundled weights/", "hub user/repo@sha", a path
+    revision: str | None = None
+
+    @property
+    def metrics(self) -> dict | None:
+        path = self.path / METRICS_FILE
+        return json.loads(path.read_text()) if path.is_file() else None
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_config(folder: str | Path, config: ModelConfig, encoder_weights: str = "imagenet", **extra) -> Path:
+    """Write config.json for a folder that already holds vocab.json and decoder.weights.h5."""
+    folder = Path(folder)
+    content = {
+        "format_version": FORMAT_VERSION,
+        "model": config.to_dict(),
+        "encoder_weights": encoder_weights,
+        "special_tokens": list(SPECIAL_TOKENS),
+        "files": {name: sha256(folder / name) for name in CHECKSUMMED_FILES},
+        **extra,
+    }
+    path = folder / CONFIG_FILE
+    path.write_text(json.dumps(content, indent=2) + "\n")
+    return path
+
+
+def read_folder(folder: str | Path, source: str | None = None, revision: str | None = None) -> WeightsFolder:
+    """Check a weights folder (files present, checksums match) and read its config."""
+    folder = Path(folder)
+    config_path = folder / CONFIG_FILE
+    if not config_path.is_file():
+        raise WeightsError(
+            f"No trained weights in {folder} (no {CONFIG_FILE}). Train them with `python -m training.run_all`, "
+            "or set CAPTIONER_REPO to a Hugging Face Hub model repo."
+        )
+    try:
+        content = json.loads(config_path.read_text())
+        config = ModelConfig.from_dict(content["model"])
+        checksums = content["files"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise WeightsError(f"{config_path} is not a valid captioner config ({exc}).") from None
+    if content.get("format_version", 1) > FORMAT_VERSION:
+        raise WeightsError(f"{folder} was written by a newer version of this project; please update it.")
+    for name in CHECKSUMMED_FILES:
+        path = folder / name
+        if not path.is_file():
+            raise WeightsError(f"{folder} is incomplete: {name} is missing.")
+        if name not in checksums or sha256(path) != checksums[name]:
+            raise WeightsError(
+                f"{path} does not match the checksum in {CONFIG_FILE}: the file is damaged, incomplete or was "
+                "changed after training. Download or copy the weights folder again."
+            )
+    return WeightsFolder(folder, config, content.get("encoder_weights", "imagenet"), source or str(folder), revision)
+
+
+def load_vocabulary(folder: WeightsFolder) -> Vocabulary:
+    vocab = Vocabulary.load(folder.path / VOCAB_FILE)
+    if len(vocab) != folder.config.vocab_size:
+        raise WeightsError(f"{folder.path}: vocab.json has {len(vocab)} ids but config.json says {folder.config.vocab_size}.")
+    return vocab
+
+
+def download_from_hub(repo_id: str, revision: str | None = None) -> WeightsFolder:
+    """Fetch a weights folder from a Hub model repo into the standard Hugging Face cache.
+
+    Works offline (HF_HUB_OFFLINE=1, or the network down) when the cache holds the revision.
+    """
+    import huggingface_hub
+    from huggingface_hub import constants
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    at = f"{repo_id}@{revision or 'main'}"
+    try:
+        path = huggingface_hub.snapshot_download(repo_id, revision=revision, allow_patterns=HUB_FILES)
+    except RepositoryNotFoundError:
+        raise WeightsError(
+            f"The Hub repo '{repo_id}' does not exist, or it is private (log in with `hf auth login` or set HF_TOKEN)."
+        ) from None
+    except RevisionNotFoundError:
+        raise WeightsError(f"The Hub repo '{repo_id}' has no revision '{revision}'.") from None
+    except LocalEntryNotFoundError:  # (a subclass of EntryNotFoundError: test it first)
+        reason = "offline mode (HF_HUB_OFFLINE) is on" if constants.HF_HUB_OFFLINE else "the Hugging Face Hub can't be reached"
+        raise WeightsError(f"Can't get {at}: {reason} and the local cache doesn't hold it.") from None
+    except EntryNotFoundError as exc:
+        raise WeightsError(f"{at} is missing a file: {exc}.") from None
+    except (HfHubHTTPError, OSError) as exc:
+        raise WeightsError(f"Downloading {at} from the Hugging Face Hub failed: {exc}") from None
+    commit = Path(path).name  # snapshots/<commit sha>
+    return read_folder(path, source=f"Hub {repo_id}@{commit[:10]}", revision=commit)

@@ -1,0 +1,58 @@
+"""The network matches the published merge architecture, and the NumPy step decoder matches Keras."""
+
+import keras
+import numpy as np
+import pytest
+
+from captioner.model import ModelConfig, StepDecoder, build_caption_model
+
+
+@pytest.fixture(scope="module")
+def model():
+    keras.utils.set_random_seed(7)
+    config = ModelConfig(encoder="resnet50", vocab_size=1850, max_length=34, feature_dim=2048)
+    return build_caption_model(config, np.random.default_rng(0).normal(size=(1850, 50)).astype("float32"))
+
+
+def test_layers_match_the_merge_architecture(model):
+    layer = model.get_layer
+    assert model.input_shape == [(None, 2048), (None, None)]
+    assert model.output_shape == (None, None, 1850)
+    assert layer("image_dropout").rate == pytest.approx(0.3)
+    assert (layer("image_dense").units, layer("image_dense").activation.__name__) == (256, "relu")
+    embedding = layer("word_embedding")
+    assert (embedding.input_dim, embedding.output_dim, embedding.mask_zero, embedding.trainable) == (1850, 50, True, False)
+    assert layer("text_dropout").rate == pytest.approx(0.3)
+    assert (layer("text_lstm").units, layer("text_lstm").return_sequences) == (256, True)
+    assert isinstance(layer("merge"), keras.layers.Add)
+    assert (layer("decoder_dense").units, layer("decoder_dense").activation.__name__) == (256, "relu")
+    assert (layer("next_word").units, layer("next_word").activation.__name__) == (1850, "softmax")
+    # the GloVe matrix is frozen: only the dense layers and the LSTM train
+    assert sum(np.prod(w.shape) for w in model.non_trainable_weights) == 1850 * 50
+
+
+def test_embedding_starts_from_the_given_matrix():
+    matrix = np.random.default_rng(1).normal(size=(20, 50)).astype("float32")
+    model = build_caption_model(ModelConfig("mobilenet_v2", 20, 10, 1280), matrix)
+    np.testing.assert_array_equal(model.get_layer("word_embedding").get_weights()[0], matrix)
+
+
+def test_step_decoder_matches_the_full_prefix_model(model):
+    """Feeding tokens one at a time with the carried LSTM state gives the Keras model's probabilities."""
+    rng = np.random.default_rng(3)
+    features = rng.random((3, 2048)).astype("float32")
+    lengths = [9, 4, 1]
+    tokens = np.zeros((3, 9), np.int32)
+    for row, n in enumerate(lengths):
+        tokens[row, :n] = rng.integers(1, 1850, n)
+    expected = model.predict([features, tokens], verbose=0)
+
+    decoder = StepDecoder(model)
+    image, state = decoder.project_image(features), decoder.initial_state(3)
+    for t in range(9):
+        logits, state = decoder.step(image, tokens[:, t], state)
+        probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+        probs /= probs.sum(axis=1, keepdims=True)
+        for row, n in enumerate(lengths):
+            if t < n:  # beyond a row's length Keras masks the padding; the step decoder is never fed it
+                np.testing.assert_allclose(probs[row], expected[row, t], atol=1e-5)

@@ -1,0 +1,69 @@
+"""Loading weights folders: integrity checks and clear refusals."""
+
+import json
+
+import numpy as np
+import pytest
+
+from captioner import Captioner, WeightsError
+from captioner.weights import CONFIG_FILE, VOCAB_FILE, WEIGHTS_FILE, read_folder
+
+
+def test_a_folder_loads_and_captions(tiny_weights, example_images):
+    captioner = Captioner.from_pretrained(tiny_weights)
+    caption = captioner.caption(example_images[0])
+    assert caption.text and caption.candidates[0][0] == caption.text
+    assert captioner.description["source"] == str(tiny_weights)
+
+
+def test_weights_round_trip_exactly(tiny_weights, tiny_captioner):
+    reloaded = Captioner.from_pretrained(tiny_weights)
+    for a, b in zip(reloaded.model.get_weights(), tiny_captioner.model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_config_records_checksums_of_every_needed_file(tiny_weights):
+    config = json.loads((tiny_weights / CONFIG_FILE).read_text())
+    assert set(config["files"]) == {VOCAB_FILE, WEIGHTS_FILE}
+    assert all(len(digest) == 64 for digest in config["files"].values())
+
+
+@pytest.mark.parametrize("damage", ["flip_byte", "truncate", "append"])
+def test_a_tampered_weights_file_is_refused(tiny_weights_copy, damage):
+    path = tiny_weights_copy / WEIGHTS_FILE
+    data = bytearray(path.read_bytes())
+    if damage == "flip_byte":
+        data[len(data) // 2] ^= 0xFF
+    elif damage == "truncate":
+        data = data[: len(data) // 2]
+    else:
+        data += b"extra"
+    path.write_bytes(bytes(data))
+    with pytest.raises(WeightsError, match="does not match the checksum"):
+        Captioner.from_pretrained(tiny_weights_copy)
+
+
+def test_a_tampered_vocabulary_is_refused(tiny_weights_copy):
+    path = tiny_weights_copy / VOCAB_FILE
+    path.write_text(path.read_text().replace('"dog"', '"god"'))
+    with pytest.raises(WeightsError, match="checksum"):
+        read_folder(tiny_weights_copy)
+
+
+def test_missing_files_and_folders_are_explained(tiny_weights_copy, tmp_path):
+    with pytest.raises(WeightsError, match="No trained weights"):
+        Captioner.from_pretrained(tmp_path / "empty" if (tmp_path / "empty").mkdir() is None else None)
+    (tiny_weights_copy / WEIGHTS_FILE).unlink()
+    with pytest.raises(WeightsError, match="incomplete"):
+        Captioner.from_pretrained(tiny_weights_copy)
+
+
+def test_a_broken_config_is_explained(tiny_weights_copy):
+    (tiny_weights_copy / CONFIG_FILE).write_text("{not json")
+    with pytest.raises(WeightsError, match="not a valid captioner config"):
+        Captioner.from_pretrained(tiny_weights_copy)
+
+
+def test_a_source_that_is_neither_folder_nor_repo_id_is_explained():
+    with pytest.raises(WeightsError, match="neither a weights folder nor a Hub repo id"):
+        Captioner.from_pretrained("./no/such/folder")

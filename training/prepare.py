@@ -1,0 +1,56 @@
+"""Step 1: captions and splits -> dataset.json and the vocabulary.
+
+    python -m training.prepare [--data ../shared/flickr8k] [--work-dir artifacts] [--min-count 10] [--limit N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from captioner.vocabulary import Vocabulary, normalize_caption
+from training.flickr8k import DEFAULT_DATA_DIR, image_path, read_captions, read_split
+
+DEFAULT_WORK_DIR = Path("artifacts")
+
+
+def prepare(data_dir: Path, work_dir: Path, min_count: int = 10, limit: int | None = None) -> dict:
+    """`limit`: keep only the first `limit` images of each split file (smoke runs and tests)."""
+    captions = read_captions(data_dir)
+    dataset = {"splits": {}, "missing_images": {}, "limit": limit}
+    for split in ("train", "dev", "test"):
+        names = read_split(data_dir, split)[:limit]
+        dataset["splits"][split] = {name: captions[name] for name in names if name in captions}
+        dataset["missing_images"][split] = [name for name in names if not image_path(data_dir, name).is_file()]
+
+    train_captions = [c for caps in dataset["splits"]["train"].values() for c in caps]
+    vocab = Vocabulary.from_captions(train_captions, min_count=min_count)
+    lengths = [len(normalize_caption(c)) + 2 for c in train_captions]  # + <start>, <end>
+    dataset["vocabulary"] = {"min_count": min_count, "words": len(vocab) - 4, "ids": len(vocab)}
+    dataset["max_length"] = max(lengths)
+
+    work_dir.mkdir(parents=True, exist_ok=True)
+    vocab.save(work_dir / "vocab.json")
+    (work_dir / "dataset.json").write_text(json.dumps(dataset) + "\n")
+    return dataset
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA_DIR, help="Flickr8k folder (default: %(default)s)")
+    parser.add_argument("--work-dir", type=Path, default=DEFAULT_WORK_DIR, help="where every step writes (default: %(default)s)")
+    parser.add_argument("--min-count", type=int, default=10, help="keep words seen more than this often in training captions")
+    parser.add_argument("--limit", type=int, help="use only the first N images of each split (smoke runs)")
+    args = parser.parse_args(argv)
+    dataset = prepare(args.data, args.work_dir, args.min_count, args.limit)
+    for split, images in dataset["splits"].items():
+        print(f"{split}: {len(images)} images, {sum(map(len, images.values()))} captions, "
+              f"{len(dataset['missing_images'][split])} image files missing")
+    v = dataset["vocabulary"]
+    print(f"vocabulary: {v['words']} words seen more than {v['min_count']} times + 4 special tokens = {v['ids']} ids")
+    print(f"max caption length: {dataset['max_length']} tokens (with <start> and <end>)")
+
+
+if __name__ == "__main__":
+    main()
