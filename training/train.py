@@ -21,8 +21,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from captioner.model import ModelConfig, build_caption_model
-from captioner.vocabulary import Vocabulary
+from captioner.decoding import greedy_decode
+from captioner.model import ModelConfig, StepDecoder, build_caption_model
+from captioner.vocabulary import Vocabulary, normalize_caption
 from captioner.weights import VOCAB_FILE, WEIGHTS_FILE, write_config
 from training.features import load_features
 from training.prepare import DEFAULT_WORK_DIR
@@ -77,27 +78,51 @@ def caption_batches(features, rows, inputs, targets, weights, batch_size: int, s
     return tf.data.Dataset.from_generator(epoch, output_signature=signature).prefetch(4)
 
 
-def plot_history(history: dict, path: Path) -> None:
+class DevCaptionScores(keras.callbacks.Callback):
+    """Greedy-captions the dev images after each epoch and logs their BLEU-4 and CIDEr
+    (as dev_bleu4, dev_cider), so early stopping can follow the scores that matter
+    rather than the loss. References are normalised the way the vocabulary is."""
+
+    def __init__(self, vocab: Vocabulary, features: np.ndarray, references: list[list[str]], max_length: int):
+        super().__init__()
+        self.vocab, self.features, self.max_length = vocab, features, max_length
+        self.references = {i: [" ".join(normalize_caption(r)) for r in refs] for i, refs in enumerate(references)}
+
+    def on_epoch_end(self, epoch, logs=None):
+        from pycocoevalcap.bleu.bleu import Bleu
+        from pycocoevalcap.cider.cider import Cider
+
+        decoder = StepDecoder(self.model)
+        hypotheses = greedy_decode(decoder, self.vocab, decoder.project_image(self.features), self.max_length - 1)
+        captions = {i: [self.vocab.decode(h.tokens) or "a"] for i, h in enumerate(hypotheses)}
+        logs["dev_bleu4"] = float(Bleu(4).compute_score(self.references, captions, verbose=0)[0][3])
+        logs["dev_cider"] = float(Cider().compute_score(self.references, captions)[0])
+
+
+def plot_history(history: dict, best_epoch: int, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     epochs = range(1, len(history["loss"]) + 1)
-    ax.plot(epochs, history["loss"], marker="o", label="train")
-    ax.plot(epochs, history["val_loss"], marker="o", label="dev")
-    best = int(np.argmin(history["val_loss"]))
-    ax.axvline(best + 1, color="grey", linestyle=":", label=f"best epoch ({best + 1})")
-    ax.set(xlabel="epoch", ylabel="cross-entropy per word", title="Training history")
-    ax.legend()
+    fig, (loss_ax, score_ax) = plt.subplots(1, 2, figsize=(9, 3.5), dpi=100)
+    loss_ax.plot(epochs, history["loss"], marker="o", label="train")
+    loss_ax.plot(epochs, history["val_loss"], marker="o", label="dev")
+    loss_ax.set(xlabel="epoch", ylabel="cross-entropy per word", title="Loss")
+    score_ax.plot(epochs, history["dev_cider"], marker="o", label="CIDEr")
+    score_ax.plot(epochs, history["dev_bleu4"], marker="o", label="BLEU-4")
+    score_ax.set(xlabel="epoch", title="Dev scores (greedy)")
+    for ax in (loss_ax, score_ax):
+        ax.axvline(best_epoch, color="grey", linestyle=":", label=f"kept (epoch {best_epoch})")
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
 
 
 def train(work_dir: Path, out: Path, encoder: str, epochs: int = 30, batch_size: int = 64, patience: int = 3,
-          seed: int = 1234, dropout: float = 0.3, encoder_weights: str = "imagenet") -> dict:
+          seed: int = 1234, dropout: float = 0.3, encoder_weights: str = "imagenet", monitor: str = "dev_cider") -> dict:
     keras.utils.set_random_seed(seed)
     dataset = json.loads((work_dir / "dataset.json").read_text())
     vocab = Vocabulary.load(work_dir / "vocab.json")
@@ -115,10 +140,13 @@ def train(work_dir: Path, out: Path, encoder: str, epochs: int = 30, batch_size:
 
     out.mkdir(parents=True, exist_ok=True)
     checkpoint = out / WEIGHTS_FILE
-    callbacks = [
+    mode = "min" if monitor == "val_loss" else "max"
+    dev_references = [dataset["splits"]["dev"][name] for name in dev_names]
+    callbacks = [  # in this order: the scores are logged before the checkpoint and early stopping read them
+        DevCaptionScores(vocab, dev_features, dev_references, config.max_length),
         keras.callbacks.BackupAndRestore(str(work_dir / f"train_backup_{encoder}")),  # resume after an interruption
-        keras.callbacks.ModelCheckpoint(str(checkpoint), monitor="val_loss", save_best_only=True, save_weights_only=True),
-        keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience),
+        keras.callbacks.ModelCheckpoint(str(checkpoint), monitor=monitor, mode=mode, save_best_only=True, save_weights_only=True),
+        keras.callbacks.EarlyStopping(monitor=monitor, mode=mode, patience=patience),
     ]
     started = time.time()
     history = model.fit(
@@ -129,17 +157,18 @@ def train(work_dir: Path, out: Path, encoder: str, epochs: int = 30, batch_size:
     seconds = time.time() - started
 
     history = {k: [float(v) for v in values] for k, values in history.items()}
-    best_epoch = int(np.argmin(history["val_loss"])) + 1
+    best_epoch = int(np.argmin(history[monitor]) if mode == "min" else np.argmax(history[monitor])) + 1
     shutil.copy(work_dir / "vocab.json", out / VOCAB_FILE)
     training_facts = {
         "dataset": "Flickr8k (official splits)", "train_images": len(train_names), "train_captions": len(rows),
-        "epochs_run": len(history["loss"]), "best_epoch": best_epoch, "best_val_loss": min(history["val_loss"]),
+        "epochs_run": len(history["loss"]), "early_stopping": f"{monitor} on the dev split, patience {patience}",
+        "best_epoch": best_epoch, "dev_scores_at_best_epoch": {k: round(history[k][best_epoch - 1], 4) for k in ("val_loss", "dev_bleu4", "dev_cider")},
         "batch_size": batch_size, "optimizer": "Adam(1e-3)", "seed": seed, "train_seconds": round(seconds, 1),
         "vocabulary_min_count": dataset["vocabulary"]["min_count"],
     }
     write_config(out, config, encoder_weights=encoder_weights, training=training_facts)
     (out / "history.json").write_text(json.dumps(history, indent=1) + "\n")
-    plot_history(history, out / "history.png")
+    plot_history(history, best_epoch, out / "history.png")
     return training_facts
 
 
@@ -150,13 +179,15 @@ def main(argv=None):
     parser.add_argument("--encoder", default="mobilenet_v2")
     parser.add_argument("--epochs", type=int, default=30, help="upper bound; early stopping usually ends sooner")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--patience", type=int, default=3, help="epochs without a better dev loss before stopping")
+    parser.add_argument("--patience", type=int, default=3, help="epochs without a better dev score before stopping")
+    parser.add_argument("--monitor", choices=["dev_cider", "dev_bleu4", "val_loss"], default="dev_cider",
+                        help="what early stopping and the kept checkpoint follow on the dev split (default: %(default)s)")
     parser.add_argument("--dropout", type=float, default=0.3)
     parser.add_argument("--seed", type=int, default=1234)
     args = parser.parse_args(argv)
     encoder_info = json.loads((args.work_dir / "features" / args.encoder / "encoder.json").read_text())
     facts = train(args.work_dir, args.out, args.encoder, args.epochs, args.batch_size, args.patience, args.seed,
-                  args.dropout, "random" if encoder_info["random_weights"] else "imagenet")
+                  args.dropout, "random" if encoder_info["random_weights"] else "imagenet", args.monitor)
     print(json.dumps(facts, indent=1))
 
 

@@ -1,0 +1,79 @@
+"""Run `app.py` as a real server in a subprocess, for tests and benchmarks.
+
+    from tests.app_server import running_app
+
+    with running_app(weights_dir) as url:   # e.g. "http://127.0.0.1:51234"
+        Client(url).predict(handle_file("examples/dog.jpg"), "beam", 5, api_name="/caption")
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_app(weights_dir: str | os.PathLike | None = None, env: dict[str, str] | None = None,
+                port: int | None = None, timeout: float = 90.0):
+    """Start `python app.py --weights DIR --host 127.0.0.1 --port P`; yield its base URL once it answers.
+
+    Without weights_dir the app loads what it would by default ($CAPTIONER_REPO, else weights/).
+    `env` adds to (or overrides) this process's environment. The server is stopped on exit.
+    Raises RuntimeError with the server's output if it exits or doesn't answer within `timeout` seconds.
+    """
+    port = port or free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = [sys.executable, str(ROOT / "app.py"), "--host", "127.0.0.1", "--port", str(port)]
+    if weights_dir is not None:
+        command += ["--weights", str(weights_dir)]
+    # No usage analytics or version checks: they are network calls that tests must not wait on.
+    full_env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1", **(env or {})}
+    # Output goes to a file, not a pipe: nobody reads a pipe while the server runs, and a full pipe blocks it.
+    with tempfile.TemporaryFile() as output:
+        process = subprocess.Popen(command, cwd=ROOT, env=full_env, stdout=output, stderr=subprocess.STDOUT)
+
+        def failure(reason: str) -> RuntimeError:
+            output.seek(0)
+            text = output.read().decode(errors="replace")
+            return RuntimeError(f"{' '.join(command)} {reason}. Its output:\n{text[-6000:]}")
+
+        try:
+            deadline = time.monotonic() + timeout
+            while not _answers(url):
+                if process.poll() is not None:
+                    raise failure(f"exited with code {process.returncode} before serving")
+                if time.monotonic() > deadline:
+                    raise failure(f"did not answer at {url} within {timeout:.0f} s")
+                time.sleep(0.5)
+            yield url
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url + "/", timeout=2) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError):
+        return False

@@ -1,0 +1,208 @@
+"""The Gradio app: its /caption endpoint on a real server (gradio_client), and its pure helpers in-process."""
+
+from __future__ import annotations
+
+import json
+import math
+import urllib.request
+from pathlib import Path
+
+import pytest
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
+
+import app
+from tests.app_server import running_app
+
+
+@pytest.fixture(scope="module")
+def app_url(tiny_weights):
+    with running_app(tiny_weights) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(app_url) -> Client:
+    return Client(app_url, verbose=False)
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory, example_images) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("bad_files")
+    jpeg = example_images[0].read_bytes()
+    contents = {
+        "text renamed .jpg": b"This is a text file, not a photo.\n",
+        "truncated JPEG": jpeg[: len(jpeg) // 3],
+        "empty file": b"",
+    }
+    paths = {name: folder / f"{index}.jpg" for index, name in enumerate(contents)}
+    for name, data in contents.items():
+        paths[name].write_bytes(data)
+    return paths
+
+
+def table_rows(table: dict) -> list[list]:
+    assert table["headers"] == app.CANDIDATE_HEADERS
+    return table["data"]
+
+
+# ---- the real server ----------------------------------------------------------------------------
+
+
+def test_greedy_caption(client, example_images):
+    text, table, facts = client.predict(handle_file(example_images[0]), "greedy", 5, api_name="/caption")
+    assert text.strip()
+    assert [row[:2] for row in table_rows(table)] == [[1, text]]
+    assert "mobilenet_v2" in facts and "this caption took" in facts
+
+
+@pytest.mark.parametrize("method", ["beam", "Beam search"])  # the API value and the radio's label
+def test_beam_caption_lists_sorted_distinct_candidates(client, example_images, method):
+    text, table, _ = client.predict(handle_file(example_images[1]), method, 5, api_name="/caption")
+    rows = table_rows(table)
+    assert text.strip() and rows[0][1] == text
+    assert 1 < len(rows) <= 5
+    assert [row[0] for row in rows] == list(range(1, len(rows) + 1))
+    log_probs = [row[2] for row in rows]
+    assert log_probs == sorted(log_probs, reverse=True)  # no length penalty: ranked by log-probability
+    assert len({row[1] for row in rows}) == len(rows)
+    for _, _, log_prob, probability in rows:
+        assert probability == pytest.approx(math.exp(log_prob), rel=0.01)
+
+
+def test_advanced_options(client, example_images):
+    text, table, _ = client.predict(handle_file(example_images[0]), "beam", 3, 3, 1.0, api_name="/caption")
+    assert all(len(row[1].split()) <= 3 for row in table_rows(table))
+    assert text == table_rows(table)[0][1]
+
+
+@pytest.mark.parametrize("name", ["text renamed .jpg", "truncated JPEG", "empty file"])
+def test_bad_file_gets_a_clear_message_and_the_server_keeps_serving(client, bad_files, example_images, name):
+    expected = {
+        "text renamed .jpg": "not an image in a format we can read",
+        "truncated JPEG": "damaged",
+        "empty file": "The file is empty.",
+    }[name]
+    with pytest.raises(AppError, match=expected):
+        client.predict(handle_file(bad_files[name]), "greedy", 5, api_name="/caption")
+    assert client.predict(handle_file(example_images[0]), "greedy", 5, api_name="/caption")[0].strip()
+
+
+def test_files_over_the_size_limit_are_refused(client, tmp_path):
+    big = tmp_path / "big.jpg"
+    big.write_bytes(b"\xff" * (app.MAX_FILE_BYTES + 1))
+    with pytest.raises(ValueError, match="exceeds the maximum file size"):  # gradio_client checks the server's limit
+        client.predict(handle_file(big), api_name="/caption")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ((None,), "Please upload an image"),
+        ((handle_file(Path(__file__)),), "not an image"),  # a non-image file under its real name
+        (("IMAGE", "sampling", 5), "Unknown decoding method 'sampling'"),
+        (("IMAGE", "beam", 50), "Beam width must be between 2 and 10"),
+        (("IMAGE", "beam", 5, 500), "Max length must be between 2 and"),
+        (("IMAGE", "beam", 5, 10, -1), "Length penalty must be between 0 and 2"),
+    ],
+)
+def test_bad_requests_get_clear_messages(client, example_images, args, message):
+    args = tuple(handle_file(example_images[0]) if arg == "IMAGE" else arg for arg in args)
+    with pytest.raises(AppError, match=message) as error:
+        client.predict(*args, api_name="/caption")
+    assert "Traceback" not in str(error.value)
+
+
+def test_api_describes_the_caption_endpoint(client):
+    parameters = client.view_api(print_info=False, return_format="dict")["named_endpoints"]["/caption"]["parameters"]
+    assert [p["parameter_name"] for p in parameters] == ["image", "method", "beam_width", "max_length", "length_penalty"]
+    assert [p["parameter_has_default"] for p in parameters] == [False, True, True, True, True]
+
+
+@pytest.fixture(scope="module")
+def no_weights_url(tmp_path_factory):
+    with running_app(tmp_path_factory.mktemp("no_weights")) as url:
+        yield url
+
+
+def test_without_weights_the_page_opens_and_explains(no_weights_url, example_images):
+    with urllib.request.urlopen(no_weights_url + "/config", timeout=10) as response:
+        config = response.read().decode()
+    assert "The captioning model isn't loaded" in config and "python -m training.run_all" in config
+
+    with pytest.raises(AppError, match=r"isn't loaded.*python -m training\.run_all"):
+        Client(no_weights_url, verbose=False).predict(handle_file(example_images[0]), api_name="/caption")
+
+
+# ---- pure helpers, in-process -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("given", "method"), [("greedy", "greedy"), ("Greedy", "greedy"), (" beam ", "beam"), ("Beam search", "beam")]
+)
+def test_parse_method(given, method):
+    assert app.parse_method(given) == method
+
+
+@pytest.mark.parametrize("given", [None, "", "sample", 3])
+def test_parse_method_rejects(given):
+    with pytest.raises(app.RequestError, match="use 'greedy' or 'beam'"):
+        app.parse_method(given)
+
+
+def test_parse_number():
+    assert app.parse_number(5.0, "Beam width", 2, 10, whole=True) == 5
+    assert app.parse_number("0.5", "Length penalty", 0, 2) == 0.5
+    for bad, message in [(5.5, "whole number"), (11, "between 2 and 10"), (float("nan"), "between"), ("five", "a number")]:
+        with pytest.raises(app.RequestError, match=message):
+            app.parse_number(bad, "Beam width", 2, 10, whole=True)
+
+
+def test_decoding_options():
+    assert app.decoding_options("Beam search", 4.0, 12.0, 0.5, longest=20) == {
+        "method": "beam", "beam_width": 4, "max_length": 12, "length_penalty": 0.5,
+    }
+    # Greedy ignores the beam width; None means the model's defaults.
+    assert app.decoding_options("greedy", 99, None, None, longest=20) == {
+        "method": "greedy", "beam_width": 1, "max_length": None, "length_penalty": 0.0,
+    }
+    with pytest.raises(app.RequestError, match="Max length must be between 2 and 20"):
+        app.decoding_options("greedy", 5, 21, 0, longest=20)
+
+
+def test_image_source():
+    assert app.image_source(None) is None
+    assert app.image_source({"path": "/tmp/gradio/x.jpg", "url": "/gradio_api/file=..."}) == "/tmp/gradio/x.jpg"
+    assert app.image_source("/examples/dog.jpg") == "/examples/dog.jpg"
+    assert app.image_source({"path": None, "url": "data:image/png;base64,aGVsbG8="}) == b"hello"
+    with pytest.raises(app.RequestError, match="base64"):
+        app.image_source({"path": None, "url": "data:image/png;base64,!!!"})
+
+
+def test_candidate_rows():
+    rows = app.candidate_rows([("a dog runs", -1.0), ("a dog", -2.5)])
+    assert rows == [[1, "a dog runs", -1.0, pytest.approx(0.368, abs=1e-3)], [2, "a dog", -2.5, pytest.approx(0.0821, abs=1e-4)]]
+
+
+def test_model_facts():
+    description = {
+        "encoder": "resnet50", "vocab_size": 8123, "source": "Hub user/captioner@0123456789", "revision": "0123456789abcdef",
+        "metrics": {"best": "beam3", "results": {"beam3": {"BLEU-4": 0.2134, "CIDEr": 0.5412, "METEOR": 0.2}}},
+    }
+    facts = app.model_facts(description, seconds=0.4321)
+    assert facts == (
+        "Encoder `resnet50` · weights from `Hub user/captioner@0123456789` (revision `0123456789`) · 8,123 words"
+        " · test BLEU-4 0.213, CIDEr 0.541 (beam3) · this caption took 0.43 s"
+    )
+    bare = app.model_facts({"encoder": "resnet50", "vocab_size": 10, "source": "weights/", "revision": None, "metrics": None})
+    assert bare == "Encoder `resnet50` · weights from `weights/` · 10 words"
+
+
+def test_without_a_model_the_notice_says_what_to_do():
+    config = json.dumps(app.build_demo(None, "weights/decoder.weights.h5 does not match the checksum.").config)
+    assert "does not match the checksum." in config and "python -m training.run_all" in config
+
+
+def test_build_demo_without_launching(tiny_captioner):
+    parameters = app.build_demo(tiny_captioner).get_api_info()["named_endpoints"]["/caption"]["parameters"]
+    assert [p["parameter_name"] for p in parameters] == ["image", "method", "beam_width", "max_length", "length_penalty"]
