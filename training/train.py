@@ -12,6 +12,7 @@ run from its last finished epoch.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import shutil
 import time
@@ -27,6 +28,20 @@ from captioner.vocabulary import Vocabulary, normalize_caption
 from captioner.weights import VOCAB_FILE, WEIGHTS_FILE, write_config
 from training.features import load_features
 from training.prepare import DEFAULT_WORK_DIR
+
+
+def read_log(path: Path) -> dict[str, list[float]]:
+    """The CSVLogger's file -> {metric: [value per epoch]} ({} if absent)."""
+    if not path.is_file():
+        return {}
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    return {key: [float(row[key]) for row in rows] for key in rows[0] if key != "epoch"} if rows else {}
+
+
+def mirror_caption(caption: str) -> str:
+    swap = {"left": "right", "right": "left"}
+    return " ".join(swap.get(word, word) for word in normalize_caption(caption))
 
 
 def make_sequences(vocab: Vocabulary, captions: dict[str, list[str]], names: list[str], length: int):
@@ -122,7 +137,8 @@ def plot_history(history: dict, best_epoch: int, path: Path) -> None:
 
 
 def train(work_dir: Path, out: Path, encoder: str, epochs: int = 30, batch_size: int = 64, patience: int = 3,
-          seed: int = 1234, dropout: float = 0.3, encoder_weights: str = "imagenet", monitor: str = "dev_cider") -> dict:
+          seed: int = 1234, dropout: float = 0.3, encoder_weights: str = "imagenet", monitor: str = "dev_cider",
+          flip: bool = False) -> dict:
     keras.utils.set_random_seed(seed)
     dataset = json.loads((work_dir / "dataset.json").read_text())
     vocab = Vocabulary.load(work_dir / "vocab.json")
@@ -131,6 +147,14 @@ def train(work_dir: Path, out: Path, encoder: str, epochs: int = 30, batch_size:
     dev_features, dev_names = load_features(work_dir, encoder, "dev")
     length = dataset["max_length"] - 1  # steps per caption: max_length tokens give max_length - 1 predictions
     rows, x_text, y, w = make_sequences(vocab, dataset["splits"]["train"], train_names, length)
+    if flip:  # the mirrored images as a second training view, their captions' left and right swapped
+        flipped_features, flipped_names = load_features(work_dir, encoder, "train_flipped")
+        assert flipped_names == train_names
+        flipped_captions = {name: [mirror_caption(c) for c in caps] for name, caps in dataset["splits"]["train"].items()}
+        flipped_rows, *flipped = make_sequences(vocab, flipped_captions, train_names, length)
+        rows = np.concatenate([rows, flipped_rows + len(train_names)])  # rows of the flipped features
+        x_text, y, w = (np.concatenate(pair) for pair in zip((x_text, y, w), flipped))
+        train_features = np.concatenate([train_features, flipped_features])
     dev_rows, dev_text, dev_y, dev_w = make_sequences(vocab, dataset["splits"]["dev"], dev_names, length)
 
     config = ModelConfig(encoder=encoder, vocab_size=len(vocab), max_length=dataset["max_length"],
@@ -141,29 +165,39 @@ def train(work_dir: Path, out: Path, encoder: str, epochs: int = 30, batch_size:
     out.mkdir(parents=True, exist_ok=True)
     checkpoint = out / WEIGHTS_FILE
     mode = "min" if monitor == "val_loss" else "max"
+    better = min if mode == "min" else max
     dev_references = [dataset["splits"]["dev"][name] for name in dev_names]
-    callbacks = [  # in this order: the scores are logged before the checkpoint and early stopping read them
+    backup_dir, log_file = work_dir / f"train_backup_{encoder}", work_dir / f"train_log_{encoder}.csv"
+    if not backup_dir.exists():  # a fresh run, not a resumed one
+        log_file.unlink(missing_ok=True)
+    earlier = read_log(log_file)  # epochs finished before an interruption
+    callbacks = [  # in this order: the dev scores are logged before the others read them
         DevCaptionScores(vocab, dev_features, dev_references, config.max_length),
-        keras.callbacks.BackupAndRestore(str(work_dir / f"train_backup_{encoder}")),  # resume after an interruption
-        keras.callbacks.ModelCheckpoint(str(checkpoint), monitor=monitor, mode=mode, save_best_only=True, save_weights_only=True),
+        keras.callbacks.BackupAndRestore(str(backup_dir)),  # resumes an interrupted run at its last epoch
+        keras.callbacks.ModelCheckpoint(
+            str(checkpoint), monitor=monitor, mode=mode, save_best_only=True, save_weights_only=True,
+            initial_value_threshold=better(earlier[monitor]) if earlier else None,
+        ),
         keras.callbacks.EarlyStopping(monitor=monitor, mode=mode, patience=patience),
+        keras.callbacks.CSVLogger(str(log_file), append=True),
     ]
     started = time.time()
-    history = model.fit(
+    model.fit(
         caption_batches(train_features, rows, x_text, y, w, batch_size, shuffle=True, seed=seed),
         validation_data=caption_batches(dev_features, dev_rows, dev_text, dev_y, dev_w, 256, shuffle=False),
         epochs=epochs, callbacks=callbacks, verbose=2,
-    ).history
+    )
     seconds = time.time() - started
 
-    history = {k: [float(v) for v in values] for k, values in history.items()}
+    history = read_log(log_file)  # every epoch, also those before a resume
     best_epoch = int(np.argmin(history[monitor]) if mode == "min" else np.argmax(history[monitor])) + 1
     shutil.copy(work_dir / "vocab.json", out / VOCAB_FILE)
     training_facts = {
-        "dataset": "Flickr8k (official splits)", "train_images": len(train_names), "train_captions": len(rows),
+        "dataset": "Flickr8k (official splits" + (f", first {dataset['limit']} images of each)" if dataset.get("limit") else ")"),
+        "train_images": len(train_names), "train_sequences": len(rows),
         "epochs_run": len(history["loss"]), "early_stopping": f"{monitor} on the dev split, patience {patience}",
         "best_epoch": best_epoch, "dev_scores_at_best_epoch": {k: round(history[k][best_epoch - 1], 4) for k in ("val_loss", "dev_bleu4", "dev_cider")},
-        "batch_size": batch_size, "optimizer": "Adam(1e-3)", "seed": seed, "train_seconds": round(seconds, 1),
+        "batch_size": batch_size, "mirrored_images": flip, "optimizer": "Adam(1e-3)", "seed": seed, "train_seconds": round(seconds, 1),
         "vocabulary_min_count": dataset["vocabulary"]["min_count"],
     }
     write_config(out, config, encoder_weights=encoder_weights, training=training_facts)
@@ -182,12 +216,13 @@ def main(argv=None):
     parser.add_argument("--patience", type=int, default=3, help="epochs without a better dev score before stopping")
     parser.add_argument("--monitor", choices=["dev_cider", "dev_bleu4", "val_loss"], default="dev_cider",
                         help="what early stopping and the kept checkpoint follow on the dev split (default: %(default)s)")
+    parser.add_argument("--flip", action="store_true", help="also train on the mirrored images (needs features --flip)")
     parser.add_argument("--dropout", type=float, default=0.3)
     parser.add_argument("--seed", type=int, default=1234)
     args = parser.parse_args(argv)
     encoder_info = json.loads((args.work_dir / "features" / args.encoder / "encoder.json").read_text())
     facts = train(args.work_dir, args.out, args.encoder, args.epochs, args.batch_size, args.patience, args.seed,
-                  args.dropout, "random" if encoder_info["random_weights"] else "imagenet", args.monitor)
+                  args.dropout, "random" if encoder_info["random_weights"] else "imagenet", args.monitor, args.flip)
     print(json.dumps(facts, indent=1))
 
 
