@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, fields
 import keras
 import numpy as np
 from keras import layers
+from threadpoolctl import threadpool_limits
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,7 @@ class StepDecoder:
     """
 
     def __init__(self, model: keras.Model):
+        limit_blas_threads()
         weights = lambda name: [np.asarray(w, dtype=np.float32) for w in model.get_layer(name).get_weights()]  # noqa: E731
         self.image_kernel, self.image_bias = weights("image_dense")
         (embeddings,) = weights("word_embedding")
@@ -112,6 +114,18 @@ class StepDecoder:
         h = _sigmoid(o) * np.tanh(c)
         hidden = np.maximum((image + h) @ self.decoder_kernel + self.decoder_bias, 0.0)
         return hidden @ self.output_kernel + self.output_bias, (h, c)
+
+
+def limit_blas_threads() -> None:
+    """Make NumPy's BLAS single-threaded, for the whole process.
+
+    The step decoder multiplies a few rows (the beams) by 256-row matrices. Spreading such small products
+    over threads costs more than it saves, and next to TensorFlow's own threads (the encoder, another
+    request's encoder) BLAS threads oversubscribe the CPU: on 2 busy cores, beam search of width 5 took
+    ~300 ms per caption with OpenBLAS' default threads and ~10 ms single-threaded (benchmarks/speed.py).
+    TensorFlow doesn't use NumPy's BLAS, so the encoder is unaffected.
+    """
+    threadpool_limits(1, user_api="blas")
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
