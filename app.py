@@ -43,8 +43,9 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp")
 CONCURRENCY = 2  # captions computed at once; more only slows each one down on a small CPU machine
 QUEUE_SIZE = 64
 BEAM_WIDTHS = (2, 10)  # beam search with width 1 is greedy decoding
-DEFAULT_BEAM_WIDTH = 5
-LENGTH_PENALTIES = (0.0, 2.0)
+LENGTH_PENALTIES = (0.0, 3.0)
+# The page starts with the decoding that scored best on the dev split (beam search, width 5, length penalty 2).
+DEFAULT_METHOD, DEFAULT_BEAM_WIDTH, DEFAULT_LENGTH_PENALTY = RECOMMENDED.method, RECOMMENDED.beam_width, RECOMMENDED.length_penalty
 MIN_MAX_LENGTH = 2
 FALLBACK_MAX_LENGTH = 30  # the max-length slider's range when no model is loaded
 
@@ -111,7 +112,9 @@ def decoding_options(method, beam_width, max_length, length_penalty, longest: in
         "method": method,
         "beam_width": parse_number(beam_width, "Beam width", *BEAM_WIDTHS, whole=True) if method == "beam" else 1,
         "max_length": None if max_length is None else parse_number(max_length, "Max length", MIN_MAX_LENGTH, longest, whole=True),
-        "length_penalty": 0.0 if length_penalty is None else parse_number(length_penalty, "Length penalty", *LENGTH_PENALTIES),
+        "length_penalty": DEFAULT_LENGTH_PENALTY
+        if length_penalty is None
+        else parse_number(length_penalty, "Length penalty", *LENGTH_PENALTIES),
     }
 
 
@@ -250,9 +253,9 @@ def build_demo(captioner: Captioner | None, unavailable_reason: str | None = Non
                     image_mode=None,  # keep the file as it is; load_image handles every mode
                     height=360,
                 )
-                method = gr.Radio(METHOD_CHOICES, value="greedy", label="Decoding")
+                method = gr.Radio(METHOD_CHOICES, value=DEFAULT_METHOD, label="Decoding")
                 beam_width = gr.Slider(
-                    *BEAM_WIDTHS, value=DEFAULT_BEAM_WIDTH, step=1, label="Beam width", visible=False,
+                    *BEAM_WIDTHS, value=DEFAULT_BEAM_WIDTH, step=1, label="Beam width", visible=DEFAULT_METHOD == "beam",
                     info="How many partial captions beam search keeps at each step.",
                 )
                 with gr.Accordion("Advanced", open=False):
@@ -261,8 +264,8 @@ def build_demo(captioner: Captioner | None, unavailable_reason: str | None = Non
                         info="At most this many words (the end-of-caption marker counts as one).",
                     )
                     length_penalty = gr.Slider(
-                        *LENGTH_PENALTIES, value=0.0, step=0.1, label="Length penalty",
-                        info="Beam search only: above 0 favours longer captions.",
+                        *LENGTH_PENALTIES, value=DEFAULT_LENGTH_PENALTY, step=0.1, label="Length penalty",
+                        info="Beam search only: above 0 favours longer captions (2 scored best on held-out photos).",
                     )
                 button = gr.Button("Caption this photo", variant="primary")
 

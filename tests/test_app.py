@@ -164,7 +164,7 @@ def test_decoding_options():
     }
     # Greedy ignores the beam width; None means the model's defaults.
     assert app.decoding_options("greedy", 99, None, None, longest=20) == {
-        "method": "greedy", "beam_width": 1, "max_length": None, "length_penalty": 0.0,
+        "method": "greedy", "beam_width": 1, "max_length": None, "length_penalty": app.DEFAULT_LENGTH_PENALTY,
     }
     with pytest.raises(app.RequestError, match="Max length must be between 2 and 20"):
         app.decoding_options("greedy", 5, 21, 0, longest=20)

@@ -22,7 +22,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from captioner.decoding import greedy_decode
+from captioner.decoding import RECOMMENDED, decode
 from captioner.model import ModelConfig, StepDecoder, build_caption_model
 from captioner.vocabulary import Vocabulary, normalize_caption
 from captioner.weights import VOCAB_FILE, WEIGHTS_FILE, write_config
@@ -94,9 +94,9 @@ def caption_batches(features, rows, inputs, targets, weights, batch_size: int, s
 
 
 class DevCaptionScores(keras.callbacks.Callback):
-    """Greedy-captions the dev images after each epoch and logs their BLEU-4 and CIDEr
-    (as dev_bleu4, dev_cider), so early stopping can follow the scores that matter
-    rather than the loss. References are normalised the way the vocabulary is."""
+    """Captions the dev images after each epoch, as the app does by default (decoding.RECOMMENDED),
+    and logs their BLEU-4 and CIDEr (as dev_bleu4, dev_cider), so early stopping can follow the scores
+    that matter rather than the loss. References are normalised the way the vocabulary is."""
 
     def __init__(self, vocab: Vocabulary, features: np.ndarray, references: list[list[str]], max_length: int):
         super().__init__()
@@ -107,9 +107,8 @@ class DevCaptionScores(keras.callbacks.Callback):
         from pycocoevalcap.bleu.bleu import Bleu
         from pycocoevalcap.cider.cider import Cider
 
-        decoder = StepDecoder(self.model)
-        hypotheses = greedy_decode(decoder, self.vocab, decoder.project_image(self.features), self.max_length - 1)
-        captions = {i: [self.vocab.decode(h.tokens) or "a"] for i, h in enumerate(hypotheses)}
+        hypotheses = decode(StepDecoder(self.model), self.vocab, self.features, RECOMMENDED, self.max_length - 1)
+        captions = {i: [self.vocab.decode(best.tokens)] for i, (best, *_) in enumerate(hypotheses)}
         logs["dev_bleu4"] = float(Bleu(4).compute_score(self.references, captions, verbose=0)[0][3])
         logs["dev_cider"] = float(Cider().compute_score(self.references, captions)[0])
 
@@ -127,7 +126,7 @@ def plot_history(history: dict, best_epoch: int, path: Path) -> None:
     loss_ax.set(xlabel="epoch", ylabel="cross-entropy per word", title="Loss")
     score_ax.plot(epochs, history["dev_cider"], marker="o", label="CIDEr")
     score_ax.plot(epochs, history["dev_bleu4"], marker="o", label="BLEU-4")
-    score_ax.set(xlabel="epoch", title="Dev scores (greedy)")
+    score_ax.set(xlabel="epoch", title="Dev scores (beam 5, length penalty 2)")
     for ax in (loss_ax, score_ax):
         ax.axvline(best_epoch, color="grey", linestyle=":", label=f"kept (epoch {best_epoch})")
         ax.legend()

@@ -1,0 +1,38 @@
+"""The command line, run as a user would: `python -m captioner ...` in a new process."""
+
+import json
+import subprocess
+import sys
+
+from tests.conftest import ROOT
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "captioner", *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=180)
+
+
+def test_json_output_for_good_and_bad_files(tiny_weights, example_images, tmp_path):
+    bad = tmp_path / "notes.jpg"
+    bad.write_text("not a photo")
+    result = run_cli(example_images[0], bad, "--weights", tiny_weights, "--method", "beam", "--beam-width", "3", "--json")
+    assert result.returncode == 1  # one file failed
+    good, failed = (json.loads(line) for line in result.stdout.splitlines())
+    assert good["image"] == str(example_images[0]) and good["caption"] == good["candidates"][0]["caption"]
+    assert len(good["candidates"]) == 3
+    assert [c["log_prob"] for c in good["candidates"]] == sorted((c["log_prob"] for c in good["candidates"]), reverse=True)
+    assert failed["image"] == str(bad) and "not an image" in failed["error"]
+    assert "Traceback" not in result.stderr
+
+
+def test_plain_output_and_clear_usage_errors(tiny_weights, example_images, tmp_path):
+    result = run_cli(example_images[0], "--weights", tiny_weights)
+    assert result.returncode == 0
+    assert result.stdout.startswith(f"{example_images[0]}: ") and len(result.stdout.split(": ", 1)[1].strip()) > 0
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = run_cli(example_images[0], "--weights", empty)
+    assert result.returncode == 2 and "No trained weights" in result.stderr and "Traceback" not in result.stderr
+
+    result = run_cli(example_images[0], "--weights", tiny_weights, "--beam-width", "0", "--method", "beam")
+    assert result.returncode == 2 and "beam_width must be between 1 and 50" in result.stderr
