@@ -105,13 +105,13 @@ def test_smoke_run_writes_every_steps_outputs(smoke_run):
 
     metrics = json.loads((out / "metrics.json").read_text())
     assert (metrics["split"], metrics["images"]) == ("test", SMOKE_LIMIT)
-    assert set(metrics["results"]) == {"greedy", "beam3", "beam5"}
+    assert set(metrics["results"]) == {"greedy", "beam3", "beam5", "beam5_lp2"}
     for scores in metrics["results"].values():
         assert set(COCO_METRICS) <= set(scores)
         assert all(0.0 <= scores[name] <= 10.0 for name in COCO_METRICS)
     assert "| decoding |" in (out / "metrics.md").read_text()
     timings = json.loads((out / "timings.json").read_text())
-    assert list(timings["seconds"]) == ["prepare", "glove", "features", "train", "evaluate"]
+    assert list(timings["seconds"]) == ["prepare", "glove", "features", "train", "evaluate", "model_card"]
 
 
 @needs_imagenet_mobilenet

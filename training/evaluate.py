@@ -5,7 +5,8 @@
 Scores with the coco-caption toolkit (pycocoevalcap: BLEU-1..4, METEOR,
 ROUGE-L, CIDEr; METEOR needs Java) for greedy decoding, beam widths 3 and 5,
 and beam width 5 with a GNMT length penalty of 2, plus NLTK's corpus BLEU, the figure hobby versions of this model report.
-Writes metrics.json beside the weights and metrics.md (a markdown table).
+Writes metrics.json beside the weights, metrics.md (a markdown table) and
+captions_<split>.json (the best setting's captions, for inspection).
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ def evaluate(weights: Path, work_dir: Path, split: str = "test", settings: dict 
     from pycocoevalcap.meteor.meteor import Meteor
 
     meteor_scorer = Meteor() if meteor else None  # one Java process for every setting
-    results = {}
+    results, hypotheses_by_setting = {}, {}
     for label, options in settings.items():
         started = time.time()
         captions = captioner.caption_features(features, options)
@@ -83,9 +84,9 @@ def evaluate(weights: Path, work_dir: Path, split: str = "test", settings: dict 
         scores["distinct_captions"] = len(set(hypotheses.values()))
         results[label] = scores
         print(f"{label}: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items() if k in COCO_METRICS))
-        if label == next(iter(settings)):
-            (weights / f"captions_{split}_{label}.json").write_text(json.dumps(hypotheses, indent=0) + "\n")
+        hypotheses_by_setting[label] = hypotheses
     best = max(results, key=lambda k: results[k]["CIDEr"])
+    (weights / f"captions_{split}.json").write_text(json.dumps({"decoding": best, "captions": hypotheses_by_setting[best]}, indent=0) + "\n")
     metrics = {"split": split, "images": len(names), "toolkit": "pycocoevalcap 1.2 (coco-caption)", "best": best, "results": results}
     (weights / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
     (weights / "metrics.md").write_text(markdown_table(metrics))

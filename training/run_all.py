@@ -1,4 +1,4 @@
-"""Every training step in one command: prepare -> glove -> features -> train -> evaluate.
+"""Every training step in one command: prepare -> glove -> features -> train -> evaluate -> model card.
 
     python -m training.run_all [--data ../shared/flickr8k] [--work-dir artifacts] [--out weights]
         [--encoder mobilenet_v2] [--random-encoder] [--limit N] [--epochs E] [--flip] [--skip-eval] [--no-meteor]
@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 from captioner.encoder import ENCODERS
-from training import evaluate, features, glove, prepare, train
+from training import evaluate, features, glove, model_card, prepare, train
 from training.flickr8k import DEFAULT_DATA_DIR
 from training.prepare import DEFAULT_WORK_DIR
 
@@ -78,6 +78,7 @@ def step_commands(args: argparse.Namespace) -> list[tuple[str, Callable, list[st
     if not args.skip_eval:
         no_meteor = ["--no-meteor"] if args.no_meteor else []
         steps.append(("evaluate", evaluate.main, ["--weights", str(args.out), *work, *no_meteor]))
+    steps.append(("model_card", model_card.main, ["--weights", str(args.out)]))
     return steps
 
 

@@ -113,6 +113,14 @@ class DevCaptionScores(keras.callbacks.Callback):
         logs["dev_cider"] = float(Cider().compute_score(self.references, captions)[0])
 
 
+def export_weights(config: ModelConfig, checkpoint: Path) -> None:
+    """Rewrite the kept checkpoint with the model's weights alone: a compiled model's file also
+    holds the optimizer's state, which triples its size and is of no use to the app."""
+    model = build_caption_model(config)
+    model.load_weights(checkpoint)
+    model.save_weights(checkpoint)
+
+
 def plot_history(history: dict, best_epoch: int, path: Path) -> None:
     import matplotlib
 
@@ -188,6 +196,7 @@ def train(work_dir: Path, out: Path, encoder: str, epochs: int = 30, batch_size:
     )
     seconds = time.time() - started
 
+    export_weights(config, checkpoint)
     history = read_log(log_file)  # every epoch, also those before a resume
     best_epoch = int(np.argmin(history[monitor]) if mode == "min" else np.argmax(history[monitor])) + 1
     shutil.copy(work_dir / "vocab.json", out / VOCAB_FILE)

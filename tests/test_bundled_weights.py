@@ -1,0 +1,60 @@
+"""End to end with the trained model this repository ships in weights/."""
+
+import json
+
+import pytest
+
+from captioner import Captioner
+from captioner.weights import BUNDLED_WEIGHTS, read_folder
+from tests.conftest import FLICKR8K
+
+pytestmark = pytest.mark.skipif(not (BUNDLED_WEIGHTS / "config.json").is_file(), reason="no trained weights in weights/")
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    return Captioner.from_pretrained(str(BUNDLED_WEIGHTS))
+
+
+def test_the_folder_is_complete_and_its_checksums_match():
+    folder = read_folder(BUNDLED_WEIGHTS)
+    assert (folder.config.encoder, folder.config.feature_dim, folder.encoder_weights) == ("mobilenet_v2", 1280, "imagenet")
+    assert (folder.config.units, folder.config.embedding_dim, folder.config.dropout) == (256, 50, 0.3)
+    for name in ("metrics.json", "metrics.md", "history.png", "history.json", "README.md"):
+        assert (BUNDLED_WEIGHTS / name).is_file(), name
+
+
+def test_its_recorded_scores_meet_the_targets():
+    metrics = json.loads((BUNDLED_WEIGHTS / "metrics.json").read_text())
+    assert metrics["split"] == "test" and metrics["images"] == 1000
+    best = metrics["results"][metrics["best"]]
+    assert best["BLEU-4"] >= 0.16 and best["CIDEr"] >= 0.42
+
+
+def test_the_default_captioner_is_the_bundled_model(monkeypatch):
+    monkeypatch.delenv("CAPTIONER_REPO", raising=False)
+    assert Captioner.from_pretrained().weights.path == BUNDLED_WEIGHTS
+
+
+@pytest.mark.parametrize("method", ["greedy", "beam"])
+def test_it_names_what_is_in_the_example_photos(bundled, example_images, method):
+    captions = {path.stem: c.text for path, c in zip(example_images, bundled.caption_batch(example_images, method=method))}
+    assert all(4 <= len(text.split()) <= 25 for text in captions.values()), captions
+    assert "dog" in captions["dog"], captions["dog"]
+    assert len(set(captions.values())) >= len(captions) - 1  # it looks at the photo: captions differ
+
+
+@pytest.mark.skipif(not (FLICKR8K / "originals").is_dir(), reason="needs ../shared/flickr8k/originals")
+def test_full_size_test_photos_get_captions_that_share_words_with_their_references(bundled):
+    from training.flickr8k import read_captions, read_split
+
+    test_images = set(read_split(FLICKR8K, "test"))
+    references = read_captions(FLICKR8K)
+    photos = sorted(p for p in (FLICKR8K / "originals").glob("*.jpg") if p.name in test_images)
+    assert photos
+    overlaps = []
+    for photo, caption in zip(photos, bundled.caption_batch(photos, method="beam", beam_width=5, length_penalty=2.0)):
+        words = set(caption.text.split()) - {"a", "an", "the", "is", "are", "in", "on", "of", "with", "and"}
+        reference_words = {w for ref in references[photo.name] for w in ref.lower().split()}
+        overlaps.append(len(words & reference_words) / max(len(words), 1))
+    assert sum(overlaps) / len(overlaps) >= 0.4, overlaps  # content words that the people who described it also used
