@@ -31,6 +31,7 @@ from pathlib import Path
 import gradio as gr
 
 from captioner import Captioner, WeightsError
+from captioner.decoding import RECOMMENDED
 from captioner.image import MAX_FILE_BYTES
 
 log = logging.getLogger("app")

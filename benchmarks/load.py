@@ -19,17 +19,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import queue
 import random
-import socket
-import subprocess
 import sys
-import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections import Counter, defaultdict
 from datetime import datetime, timezone
 from pathlib import Path
@@ -37,60 +31,13 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.speed import find_images, format_table, loadavg
+from tests.app_server import app_process
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_JSON = ROOT / "benchmarks" / "results" / "load.json"
 METHODS = (("greedy", 5), ("beam", 3), ("beam", 5))  # (method, beam width sent); greedy ignores the width
 MAX_GROWTH_MB = 100.0
 LOGPROB_TOLERANCE = 2e-3  # the app's table rounds log-probabilities to 3 decimals
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@contextlib.contextmanager
-def app_server(weights: Path, port: int, startup_timeout: float):
-    """Run app.py on 127.0.0.1:port (as tests/app_server.py does, keeping the process for psutil);
-    yield (url, process, log file)."""
-    url = f"http://127.0.0.1:{port}"
-    command = [sys.executable, str(ROOT / "app.py"), "--host", "127.0.0.1", "--port", str(port), "--weights", str(weights)]
-    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
-    with tempfile.TemporaryFile() as log:  # a file, not a pipe: nobody reads a pipe while the server runs
-        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            yield url, process, log
-        finally:
-            process.terminate()
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-
-
-def wait_until_serving(url: str, process: subprocess.Popen, log, timeout: float) -> float:
-    start = time.monotonic()
-    while True:
-        try:
-            with urllib.request.urlopen(url + "/", timeout=2) as response:
-                if response.status == 200:
-                    return time.monotonic() - start
-        except (urllib.error.URLError, OSError):
-            pass
-        if process.poll() is not None:
-            raise RuntimeError(f"app.py exited with code {process.returncode} before serving:\n{log_tail(log)}")
-        if time.monotonic() - start > timeout:
-            raise RuntimeError(f"app.py did not answer at {url} within {timeout:.0f} s:\n{log_tail(log)}")
-        time.sleep(0.5)
-
-
-def log_tail(log, chars: int = 4000) -> str:
-    log.flush()
-    log.seek(0)
-    return log.read().decode(errors="replace")[-chars:]
 
 
 def reference_captions(weights: Path, combos: list[tuple]) -> dict:
@@ -256,12 +203,12 @@ def run(args: argparse.Namespace) -> dict:
                 latencies["all"].append(seconds)
                 latencies[spec[1] if spec[1] == "greedy" else f"beam{spec[2]}"].append(seconds)
 
-    port = args.port or free_port()
-    progress(f"starting app.py on 127.0.0.1:{port} with {weights} ...")
-    with app_server(weights, port, args.startup_timeout) as (url, process, log):
-        progress("single-threaded in-process reference captions (while the app starts) ...")
-        references = reference_captions(weights, combos)
-        startup_s = wait_until_serving(url, process, log, max(1.0, args.startup_timeout - (time.monotonic() - clock)))
+    progress("single-threaded in-process reference captions ...")
+    references = reference_captions(weights, combos)
+    progress(f"starting app.py with {weights} ...")
+    remaining = max(1.0, args.startup_timeout - (time.monotonic() - clock))
+    with app_process(weights, {"TF_CPP_MIN_LOG_LEVEL": "2"}, args.port, remaining) as app:
+        url, process, startup_s = app.url, app.process, app.startup_seconds
         progress(f"app serving at {url}; warm-up: {len(combos)} requests, one per (image, method, width), "
                  f"from {min(args.clients, len(combos))} clients ...")
         deadline = time.monotonic() + args.timeout_s
@@ -275,7 +222,7 @@ def run(args: argparse.Namespace) -> dict:
         load_seconds, own_cpu = time.monotonic() - load_start, time.process_time() - own_cpu_start
         after = process_facts(process.pid)
         server_alive = process.poll() is None
-        server_log = log_tail(log, 3000) if failures or not server_alive else ""
+        server_log = app.output_tail(3000) if failures or not server_alive else ""
 
     completed = len(latencies["all"])
     inconsistent = {spec: counts for spec, counts in responses.items() if len(counts) > 1}

@@ -17,7 +17,9 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -28,10 +30,31 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+@dataclass
+class AppProcess:
+    url: str
+    process: subprocess.Popen
+    startup_seconds: float  # from starting the process to its first answer
+    output: IO[bytes]
+
+    def output_tail(self, chars: int = 6000) -> str:
+        self.output.flush()
+        self.output.seek(0)
+        return self.output.read().decode(errors="replace")[-chars:]
+
+
 @contextlib.contextmanager
 def running_app(weights_dir: str | os.PathLike | None = None, env: dict[str, str] | None = None,
                 port: int | None = None, timeout: float = 90.0):
-    """Start `python app.py --weights DIR --host 127.0.0.1 --port P`; yield its base URL once it answers.
+    """Start `python app.py --weights DIR --host 127.0.0.1 --port P`; yield its base URL once it answers."""
+    with app_process(weights_dir, env, port, timeout) as app:
+        yield app.url
+
+
+@contextlib.contextmanager
+def app_process(weights_dir: str | os.PathLike | None = None, env: dict[str, str] | None = None,
+                port: int | None = None, timeout: float = 90.0):
+    """Like running_app, but yields an AppProcess (for benchmarks that watch the process too).
 
     Without weights_dir the app loads what it would by default ($CAPTIONER_REPO, else weights/).
     `env` adds to (or overrides) this process's environment. The server is stopped on exit.
@@ -46,22 +69,20 @@ def running_app(weights_dir: str | os.PathLike | None = None, env: dict[str, str
     full_env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1", **(env or {})}
     # Output goes to a file, not a pipe: nobody reads a pipe while the server runs, and a full pipe blocks it.
     with tempfile.TemporaryFile() as output:
+        started = time.monotonic()
         process = subprocess.Popen(command, cwd=ROOT, env=full_env, stdout=output, stderr=subprocess.STDOUT)
-
-        def failure(reason: str) -> RuntimeError:
-            output.seek(0)
-            text = output.read().decode(errors="replace")
-            return RuntimeError(f"{' '.join(command)} {reason}. Its output:\n{text[-6000:]}")
-
+        app = AppProcess(url, process, 0.0, output)
         try:
-            deadline = time.monotonic() + timeout
             while not _answers(url):
                 if process.poll() is not None:
-                    raise failure(f"exited with code {process.returncode} before serving")
-                if time.monotonic() > deadline:
-                    raise failure(f"did not answer at {url} within {timeout:.0f} s")
+                    raise RuntimeError(f"{' '.join(command)} exited with code {process.returncode} before serving. "
+                                       f"Its output:\n{app.output_tail()}")
+                if time.monotonic() - started > timeout:
+                    raise RuntimeError(f"{' '.join(command)} did not answer at {url} within {timeout:.0f} s. "
+                                       f"Its output:\n{app.output_tail()}")
                 time.sleep(0.5)
-            yield url
+            app.startup_seconds = time.monotonic() - started
+            yield app
         finally:
             process.terminate()
             try:

@@ -103,7 +103,7 @@ def test_files_over_the_size_limit_are_refused(client, tmp_path):
         (("IMAGE", "sampling", 5), "Unknown decoding method 'sampling'"),
         (("IMAGE", "beam", 50), "Beam width must be between 2 and 10"),
         (("IMAGE", "beam", 5, 500), "Max length must be between 2 and"),
-        (("IMAGE", "beam", 5, 10, -1), "Length penalty must be between 0 and 2"),
+        (("IMAGE", "beam", 5, 10, -1), "Length penalty must be between 0 and 3"),
     ],
 )
 def test_bad_requests_get_clear_messages(client, example_images, args, message):

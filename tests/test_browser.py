@@ -79,6 +79,7 @@ def candidate_rows(page) -> list[list[str]]:
 
 def choose_beam_search(page) -> None:
     beam_width = page.get_by_text("Beam width", exact=True)
+    page.get_by_label("Greedy").check()  # the page starts with beam search: go there and back
     expect(beam_width).to_be_hidden()  # only shown for beam search
     page.get_by_label("Beam search").check()
     expect(beam_width).to_be_visible()
