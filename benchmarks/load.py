@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.speed import find_images, format_table, loadavg
+from captioner.decoding import RECOMMENDED
 from tests.app_server import app_process
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,7 +48,8 @@ def reference_captions(weights: Path, combos: list[tuple]) -> dict:
     captioner = Captioner.from_pretrained(weights)
     references = {}
     for image, method, width in combos:
-        result = captioner.caption(image, method, width)
+        # Requests leave out the length penalty, so the app applies its default: the recommended one.
+        result = captioner.caption(image, method, width, length_penalty=RECOMMENDED.length_penalty)
         references[(image, method, width)] = (result.text, [(text, float(lp)) for text, lp in result.candidates])
     return references
 
