@@ -58,7 +58,7 @@ def test_greedy_caption(client, example_images):
 
 @pytest.mark.parametrize("method", ["beam", "Beam search"])  # the API value and the radio's label
 def test_beam_caption_lists_sorted_distinct_candidates(client, example_images, method):
-    text, table, _ = client.predict(handle_file(example_images[1]), method, 5, api_name="/caption")
+    text, table, _ = client.predict(handle_file(example_images[1]), method, 5, length_penalty=0.0, api_name="/caption")
     rows = table_rows(table)
     assert text.strip() and rows[0][1] == text
     assert 1 < len(rows) <= 5
