@@ -57,9 +57,6 @@ TARGET_BATCH_VS_ENCODE = 0.8  # caption_batch() throughput >= 0.8x encode() thro
 TARGET_COLD_START_S = 8.0
 TARGET_PEAK_RSS_MB = 1500.0  # 1.5 GB, in MB of 10^6 bytes
 
-# Real-size model for the random resnet50 figures: the trained vocabulary's size and the paper's LSTM.
-REAL_VOCAB_SIZE, REAL_UNITS, REAL_MAX_LENGTH = 1564, 256, 38
-
 
 # ---- the old way ------------------------------------------------------------------------------------
 
@@ -135,34 +132,6 @@ class OldWayDecoder:
         """(feature_dim,) features -> [(caption text, log-probability)], best first, like Caption.candidates."""
         hyps = self.greedy(features) if method == "greedy" else self.beam(features, beam_width)
         return [(self.vocab.decode(tokens), score) for tokens, score in hyps]
-
-
-# ---- a real-size random model -----------------------------------------------------------------------
-
-
-def make_random_weights_folder(folder: str | Path, encoder: str = "resnet50", vocab_size: int = REAL_VOCAB_SIZE,
-                               units: int = REAL_UNITS, max_length: int = REAL_MAX_LENGTH, seed: int = 0) -> Path:
-    """A complete weights folder with a random decoder and encoder_weights="random" (nothing is downloaded)."""
-    import keras
-
-    from captioner.encoder import ENCODERS
-    from captioner.model import ModelConfig, build_caption_model
-    from captioner.vocabulary import SPECIAL_TOKENS, Vocabulary
-    from captioner.weights import VOCAB_FILE, WEIGHTS_FILE, write_config
-
-    keras.utils.set_random_seed(seed)
-    vocab = Vocabulary(f"word{i:04d}" for i in range(vocab_size - len(SPECIAL_TOKENS)))
-    config = ModelConfig(encoder=encoder, vocab_size=len(vocab), max_length=max_length,
-                         feature_dim=ENCODERS[encoder].feature_dim, units=units)
-    model = build_caption_model(config, np.random.default_rng(seed).normal(size=(len(vocab), 50)).astype("float32"))
-    kernel, bias = model.get_layer("next_word").get_weights()
-    model.get_layer("next_word").set_weights([kernel * 8.0, bias])  # sharper, image-dependent captions (as in the tests)
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    vocab.save(folder / VOCAB_FILE)
-    model.save_weights(folder / WEIGHTS_FILE)
-    write_config(folder, config, encoder_weights="random")
-    return folder
 
 
 # ---- measuring --------------------------------------------------------------------------------------
@@ -413,9 +382,10 @@ def _cold_start_once(weights: Path, image: Path, batch: list[Path], timeout: flo
 
 def measure_random_resnet(images: list[Path], batch: list[Path], repeats: int, batch_repeats: int) -> dict:
     from captioner import Captioner
+    from captioner.weights import write_random_weights
 
     with tempfile.TemporaryDirectory(prefix="speed_resnet50_") as folder:
-        weights = make_random_weights_folder(Path(folder) / "weights", "resnet50")
+        weights = write_random_weights(Path(folder) / "weights", "resnet50")  # real-size vocabulary and LSTM
         load_s, cap = timed(Captioner.from_pretrained, weights)
     encoder = measure_encoder(cap, images, batch, repeats, batch_repeats)
     features = cap.encode(images)

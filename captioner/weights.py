@@ -138,3 +138,32 @@ def download_from_hub(repo_id: str, revision: str | None = None) -> WeightsFolde
         raise WeightsError(f"Downloading {at} from the Hugging Face Hub failed: {exc}") from None
     commit = Path(path).name  # snapshots/<commit sha>
     return read_folder(path, source=f"Hub {repo_id}@{commit[:10]}", revision=commit)
+
+
+def write_random_weights(folder: str | Path, encoder: str = "mobilenet_v2", words: list[str] | None = None,
+                         units: int = 256, max_length: int = 38, seed: int = 0) -> Path:
+    """A complete, checksummed weights folder with a random decoder and a random encoder, for tests and
+    benchmarks: the real file formats and code paths, and nothing to download.
+
+    words: the vocabulary (default: 1,560 made-up words, the bundled model's size).
+    """
+    import keras
+    import numpy as np
+
+    from .encoder import ENCODERS
+    from .model import build_caption_model
+
+    keras.utils.set_random_seed(seed)
+    vocab = Vocabulary(words if words is not None else (f"word{i:04d}" for i in range(1560)))
+    config = ModelConfig(encoder=encoder, vocab_size=len(vocab), max_length=max_length,
+                         feature_dim=ENCODERS[encoder].feature_dim, units=units)
+    model = build_caption_model(config, np.random.default_rng(seed).normal(size=(len(vocab), 50)).astype("float32"))
+    # A random decoder spreads its probability thinly; sharper logits make its captions depend on the image.
+    kernel, bias = model.get_layer("next_word").get_weights()
+    model.get_layer("next_word").set_weights([kernel * 8.0, bias])
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab.save(folder / VOCAB_FILE)
+    model.save_weights(folder / WEIGHTS_FILE)
+    write_config(folder, config, encoder_weights="random")
+    return folder

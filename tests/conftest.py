@@ -8,13 +8,9 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import keras
-import numpy as np
 import pytest
 
-from captioner.model import ModelConfig, build_caption_model
-from captioner.vocabulary import Vocabulary
-from captioner.weights import VOCAB_FILE, WEIGHTS_FILE, write_config
+from captioner.weights import write_random_weights
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
@@ -23,21 +19,9 @@ EXAMPLES = ROOT / "examples"
 TINY_WORDS = ["a", "dog", "cat", "runs", "on", "the", "grass", "man", "red", "blue", "ball", "in", "water", "is", "with"]
 
 
-def make_weights_folder(folder: Path, encoder: str = "mobilenet_v2", feature_dim: int = 1280, seed: int = 0,
-                        words=TINY_WORDS, units: int = 32, max_length: int = 12) -> Path:
-    """A complete, checksummed weights folder with random decoder weights and a random encoder."""
-    keras.utils.set_random_seed(seed)
-    vocab = Vocabulary(words)
-    config = ModelConfig(encoder=encoder, vocab_size=len(vocab), max_length=max_length, feature_dim=feature_dim, units=units)
-    model = build_caption_model(config, np.random.default_rng(seed).normal(size=(len(vocab), 50)).astype("float32"))
-    # Random decoders put almost all their mass on a few words; sharper logits make captions vary by image.
-    kernel, bias = model.get_layer("next_word").get_weights()
-    model.get_layer("next_word").set_weights([kernel * 8.0, bias])
-    folder.mkdir(parents=True, exist_ok=True)
-    vocab.save(folder / VOCAB_FILE)
-    model.save_weights(folder / WEIGHTS_FILE)
-    write_config(folder, config, encoder_weights="random")
-    return folder
+def make_weights_folder(folder: Path, seed: int = 0) -> Path:
+    """A tiny weights folder (15 words, 32 LSTM units; random MobileNetV2 encoder), built with the real code."""
+    return write_random_weights(folder, "mobilenet_v2", TINY_WORDS, units=32, max_length=12, seed=seed)
 
 
 @pytest.fixture(scope="session")

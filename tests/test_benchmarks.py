@@ -10,6 +10,7 @@ import pytest
 
 from benchmarks import load, speed
 from captioner.decoding import DecodingOptions
+from captioner.weights import write_random_weights
 
 
 def test_speed_help_explains_the_options(capsys):
@@ -61,7 +62,7 @@ def test_speed_benchmark_can_skip_the_slow_parts(tiny_weights, example_images, t
 def test_real_size_random_resnet_weights_folder(tmp_path):
     from captioner import Captioner
 
-    folder = speed.make_random_weights_folder(tmp_path / "resnet", "resnet50")
+    folder = write_random_weights(tmp_path / "resnet", "resnet50")
     captioner = Captioner.from_pretrained(folder)
     assert (captioner.config.encoder, captioner.config.vocab_size, captioner.config.units) == ("resnet50", 1564, 256)
     features = np.random.default_rng(0).random((2, 2048)).astype("float32")

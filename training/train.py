@@ -90,7 +90,9 @@ def caption_batches(features, rows, inputs, targets, weights, batch_size: int, s
         tf.TensorSpec((None, None), tf.int32),
         tf.TensorSpec((None, None), tf.float32),
     )
-    return tf.data.Dataset.from_generator(epoch, output_signature=signature).prefetch(4)
+    batches = tf.data.Dataset.from_generator(epoch, output_signature=signature)
+    # Telling Keras the number of batches gives it a progress bar with an end, and no "ran out of data" warning.
+    return batches.apply(tf.data.experimental.assert_cardinality(-(-len(rows) // batch_size))).prefetch(4)
 
 
 class DevCaptionScores(keras.callbacks.Callback):
@@ -192,7 +194,7 @@ def train(work_dir: Path, out: Path, encoder: str, epochs: int = 30, batch_size:
     model.fit(
         caption_batches(train_features, rows, x_text, y, w, batch_size, shuffle=True, seed=seed),
         validation_data=caption_batches(dev_features, dev_rows, dev_text, dev_y, dev_w, 256, shuffle=False),
-        epochs=epochs, callbacks=callbacks, verbose=2,
+        epochs=epochs, callbacks=callbacks, verbose=2, shuffle=False,  # caption_batches shuffles
     )
     seconds = time.time() - started
 
