@@ -156,7 +156,7 @@ def model_facts(description: dict, seconds: float | None = None) -> str:
     facts = [
         f"Encoder `{description['encoder']}`",
         f"weights from `{source}`" + (f" (revision `{revision[:10]}`)" if revision else ""),
-        f"{description['vocab_size']:,} words",
+        f"vocabulary of {description['vocab_size']:,} tokens",
     ]
     scores = score_summary(description.get("metrics"))
     if scores:

@@ -191,11 +191,11 @@ def test_model_facts():
     }
     facts = app.model_facts(description, seconds=0.4321)
     assert facts == (
-        "Encoder `resnet50` · weights from `Hub user/captioner@0123456789` (revision `0123456789`) · 8,123 words"
+        "Encoder `resnet50` · weights from `Hub user/captioner@0123456789` (revision `0123456789`) · vocabulary of 8,123 tokens"
         " · test BLEU-4 0.213, CIDEr 0.541 (beam3) · this caption took 0.43 s"
     )
     bare = app.model_facts({"encoder": "resnet50", "vocab_size": 10, "source": "weights/", "revision": None, "metrics": None})
-    assert bare == "Encoder `resnet50` · weights from `weights/` · 10 words"
+    assert bare == "Encoder `resnet50` · weights from `weights/` · vocabulary of 10 tokens"
 
 
 def test_without_a_model_the_notice_says_what_to_do():
