@@ -205,7 +205,7 @@ def load_captioner(
 
 def build_demo(captioner: Captioner | None, unavailable_reason: str | None = None) -> gr.Blocks:
     """The Blocks app around `captioner`; with None, a page explaining `unavailable_reason`."""
-    default_max_length = captioner.config.max_length - 1 if captioner else FALLBACK_MAX_LENGTH  # Captioner's default
+    default_max_length = captioner.config.max_new_tokens if captioner else FALLBACK_MAX_LENGTH
     description = captioner.description if captioner else None
     static_facts = model_facts(description) if description else ""
     # Why there's no model and what to do. "No trained weights" errors already say how to get them;

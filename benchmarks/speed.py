@@ -75,7 +75,7 @@ class OldWayDecoder:
 
     def __init__(self, model, vocab, max_length: int):
         self.model, self.vocab = model, vocab
-        self.max_steps = max_length  # tokens to generate at most, <end> included (Captioner: config.max_length - 1)
+        self.max_steps = max_length  # tokens to generate at most, <end> included (config.max_new_tokens)
         self.padded_length = max_length  # the longest prefix fed: <start> + max_length - 1 tokens
         self.predict_calls = 0
 
@@ -260,7 +260,7 @@ def measure_old_way(cap, features: np.ndarray, ours_per_image: dict, encode_ms: 
     """The old decoding, once per image on the first len(features) images; compared with ours on the same ones."""
     from captioner.decoding import DecodingOptions
 
-    old = OldWayDecoder(cap.model, cap.vocab, cap.config.max_length - 1)
+    old = OldWayDecoder(cap.model, cap.vocab, cap.config.max_new_tokens)
     old.next_log_probs(features[0], [cap.vocab.start_id], first_step=True)  # warm-up: predict() builds its function
     result = {"images": len(features), "runs_per_image": 1}
     for m in (GREEDY, BEAMS[5]):

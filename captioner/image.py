@@ -266,6 +266,6 @@ def resize_for_encoder(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
 def prepare_images(images, size: tuple[int, int]) -> np.ndarray:
     """Decode and resize a list of images into one float32 batch (n, h, w, 3), pixel values 0..255.
 
-    The encoder's own `preprocess_input` runs inside the encoder model (see model.py).
+    The encoder's own `preprocess_input` follows in ImageEncoder.encode_pixels (encoder.py).
     """
     return np.stack([resize_for_encoder(load_image(image, target_size=size), size) for image in images])

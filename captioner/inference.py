@@ -88,7 +88,7 @@ class Captioner:
     def caption_features(self, features: np.ndarray, options: DecodingOptions = DecodingOptions()) -> list[Caption]:
         """Caption precomputed encoder features (training's evaluation uses this)."""
         results = []
-        for hypotheses in decode(self.step_decoder, self.vocab, features, options, self.config.max_length - 1):
+        for hypotheses in decode(self.step_decoder, self.vocab, features, options, self.config.max_new_tokens):
             candidates = [(self.vocab.decode(h.tokens), h.log_prob) for h in hypotheses]
             results.append(Caption(candidates[0][0], candidates))
         return results

@@ -34,6 +34,11 @@ class ModelConfig:
     units: int = 256
     dropout: float = 0.3
 
+    @property
+    def max_new_tokens(self) -> int:
+        """The most tokens decoding generates by default: <end> included, <start> (given) not."""
+        return self.max_length - 1
+
     def to_dict(self) -> dict:
         return asdict(self)
 

@@ -100,16 +100,16 @@ class DevCaptionScores(keras.callbacks.Callback):
     and logs their BLEU-4 and CIDEr (as dev_bleu4, dev_cider), so early stopping can follow the scores
     that matter rather than the loss. References are normalised the way the vocabulary is."""
 
-    def __init__(self, vocab: Vocabulary, features: np.ndarray, references: list[list[str]], max_length: int):
+    def __init__(self, vocab: Vocabulary, features: np.ndarray, references: list[list[str]], max_new_tokens: int):
         super().__init__()
-        self.vocab, self.features, self.max_length = vocab, features, max_length
+        self.vocab, self.features, self.max_new_tokens = vocab, features, max_new_tokens
         self.references = {i: [" ".join(normalize_caption(r)) for r in refs] for i, refs in enumerate(references)}
 
     def on_epoch_end(self, epoch, logs=None):
         from pycocoevalcap.bleu.bleu import Bleu
         from pycocoevalcap.cider.cider import Cider
 
-        hypotheses = decode(StepDecoder(self.model), self.vocab, self.features, RECOMMENDED, self.max_length - 1)
+        hypotheses = decode(StepDecoder(self.model), self.vocab, self.features, RECOMMENDED, self.max_new_tokens)
         captions = {i: [self.vocab.decode(best.tokens)] for i, (best, *_) in enumerate(hypotheses)}
         logs["dev_bleu4"] = float(Bleu(4).compute_score(self.references, captions, verbose=0)[0][3])
         logs["dev_cider"] = float(Cider().compute_score(self.references, captions)[0])
@@ -181,7 +181,7 @@ def train(work_dir: Path, out: Path, encoder: str, epochs: int = 30, batch_size:
         log_file.unlink(missing_ok=True)
     earlier = read_log(log_file)  # epochs finished before an interruption
     callbacks = [  # in this order: the dev scores are logged before the others read them
-        DevCaptionScores(vocab, dev_features, dev_references, config.max_length),
+        DevCaptionScores(vocab, dev_features, dev_references, config.max_new_tokens),
         keras.callbacks.BackupAndRestore(str(backup_dir)),  # resumes an interrupted run at its last epoch
         keras.callbacks.ModelCheckpoint(
             str(checkpoint), monitor=monitor, mode=mode, save_best_only=True, save_weights_only=True,
@@ -200,7 +200,7 @@ def train(work_dir: Path, out: Path, encoder: str, epochs: int = 30, batch_size:
 
     export_weights(config, checkpoint)
     history = read_log(log_file)  # every epoch, also those before a resume
-    best_epoch = int(np.argmin(history[monitor]) if mode == "min" else np.argmax(history[monitor])) + 1
+    best_epoch = history[monitor].index(better(history[monitor])) + 1
     shutil.copy(work_dir / "vocab.json", out / VOCAB_FILE)
     training_facts = {
         "dataset": "Flickr8k (official splits" + (f", first {dataset['limit']} images of each)" if dataset.get("limit") else ")"),
