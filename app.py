@@ -31,22 +31,21 @@ from pathlib import Path
 import gradio as gr
 
 from captioner import Captioner, WeightsError
-from captioner.decoding import RECOMMENDED
-from captioner.image import MAX_FILE_BYTES
+from captioner.cli import add_model_arguments, check_model_arguments
+from captioner.decoding import BEAM_WIDTHS, LENGTH_PENALTIES, DecodingOptions, limit_blas_threads
+from captioner.image import IMAGE_SUFFIXES, MAX_FILE_BYTES
 
 log = logging.getLogger("app")
 
 ROOT = Path(__file__).resolve().parent
 EXAMPLES_DIR = ROOT / "examples"
 CREDITS_FILE = EXAMPLES_DIR / "CREDITS.md"
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp")
 
 CONCURRENCY = 2  # captions computed at once; more only slows each one down on a small CPU machine
 QUEUE_SIZE = 64
-BEAM_WIDTHS = (2, 10)  # beam search with width 1 is greedy decoding
-LENGTH_PENALTIES = (0.0, 3.0)
-# The page starts with the decoding that scored best on the dev split (beam search, width 5, length penalty 2).
-DEFAULT_METHOD, DEFAULT_BEAM_WIDTH, DEFAULT_LENGTH_PENALTY = RECOMMENDED.method, RECOMMENDED.beam_width, RECOMMENDED.length_penalty
+# The page starts with the recommended decoding: DecodingOptions' defaults, which scored best on the dev split.
+DEFAULTS = DecodingOptions()
+BEAM_WIDTH_SLIDER = (2, BEAM_WIDTHS[1])  # beam search with width 1 is greedy decoding, the other choice
 MIN_MAX_LENGTH = 2
 FALLBACK_MAX_LENGTH = 30  # the max-length slider's range when no model is loaded
 
@@ -82,41 +81,14 @@ class RequestError(ValueError):
 # ---- pure helpers (no Gradio state) -----------------------------------------------------------
 
 
-def parse_method(method) -> str:
-    """'greedy' / 'beam', or the radio labels ('Greedy', 'Beam search') -> the library's method name."""
-    value = METHODS.get(str(method).strip().lower()) if method is not None else None
-    if value is None:
-        raise RequestError(f"Unknown decoding method {method!r}: use 'greedy' or 'beam'.")
-    return value
-
-
-def parse_number(value, name: str, low: float, high: float, whole: bool = False) -> float:
-    """A numeric request parameter, checked against the range the UI's slider offers."""
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise RequestError(f"{name} must be a number, not {value!r}.") from None
-    if not math.isfinite(number) or not low <= number <= high:
-        raise RequestError(f"{name} must be between {low:g} and {high:g}, not {value!r}.")
-    if whole and number != int(number):
-        raise RequestError(f"{name} must be a whole number, not {value!r}.")
-    return int(number) if whole else number
-
-
-def decoding_options(method, beam_width, max_length, length_penalty, longest: int) -> dict:
-    """The request's decoding settings -> keyword arguments for `Captioner.caption`.
-
-    None for max_length or length_penalty means the default; `longest` is the max-length slider's maximum.
-    """
-    method = parse_method(method)
-    return {
-        "method": method,
-        "beam_width": parse_number(beam_width, "Beam width", *BEAM_WIDTHS, whole=True) if method == "beam" else 1,
-        "max_length": None if max_length is None else parse_number(max_length, "Max length", MIN_MAX_LENGTH, longest, whole=True),
-        "length_penalty": DEFAULT_LENGTH_PENALTY
-        if length_penalty is None
-        else parse_number(length_penalty, "Length penalty", *LENGTH_PENALTIES),
-    }
+def decoding_options(method, beam_width, max_length, length_penalty) -> DecodingOptions:
+    """The page's widgets (or an API call's values) -> the library's DecodingOptions, whose checks are the
+    only ones. None means the default; greedy decoding ignores the beam width."""
+    method = METHODS.get(str(method).strip().lower(), method) if method is not None else None
+    given = {"method": method, "max_new_tokens": max_length, "length_penalty": length_penalty}
+    if method == "beam":
+        given["beam_width"] = beam_width
+    return DecodingOptions(**{name: value for name, value in given.items() if value is not None})
 
 
 def image_source(image) -> str | bytes | None:
@@ -223,17 +195,17 @@ def build_demo(captioner: Captioner | None, unavailable_reason: str | None = Non
             source = image_source(image)
             if source is None:
                 raise RequestError("Please upload an image first (or pick one of the examples).")
-            options = decoding_options(method, beam_width, max_length, length_penalty, longest=default_max_length)
+            options = decoding_options(method, beam_width, max_length, length_penalty)
             start = time.perf_counter()
-            result = captioner.caption(source, **options)
+            result = captioner.caption(source, options)
             seconds = time.perf_counter() - start
-        except ValueError as exc:  # InvalidImageError, RequestError and the library's option checks
+        except ValueError as exc:  # InvalidImageError, RequestError and DecodingOptions' checks
             log.info("Rejected a request: %s", exc)
             raise user_error(str(exc)) from None
         except Exception:
             log.exception("Captioning failed")
             raise user_error(GENERIC_ERROR) from None
-        log.info("%s caption in %.2f s: %s", options["method"], seconds, result.text)
+        log.info("%s caption in %.2f s: %s", options.method, seconds, result.text)
         return result.text, candidate_rows(result.candidates), model_facts(description, seconds)
 
     with gr.Blocks(title="Image captioner") as demo:
@@ -254,9 +226,9 @@ def build_demo(captioner: Captioner | None, unavailable_reason: str | None = Non
                     image_mode=None,  # keep the file as it is; load_image handles every mode
                     height=360,
                 )
-                method = gr.Radio(METHOD_CHOICES, value=DEFAULT_METHOD, label="Decoding")
+                method = gr.Radio(METHOD_CHOICES, value=DEFAULTS.method, label="Decoding")
                 beam_width = gr.Slider(
-                    *BEAM_WIDTHS, value=DEFAULT_BEAM_WIDTH, step=1, label="Beam width", visible=DEFAULT_METHOD == "beam",
+                    *BEAM_WIDTH_SLIDER, value=DEFAULTS.beam_width, step=1, label="Beam width", visible=DEFAULTS.method == "beam",
                     info="How many partial captions beam search keeps at each step.",
                 )
                 with gr.Accordion("Advanced", open=False):
@@ -265,8 +237,8 @@ def build_demo(captioner: Captioner | None, unavailable_reason: str | None = Non
                         info="At most this many words (the end-of-caption marker counts as one).",
                     )
                     length_penalty = gr.Slider(
-                        *LENGTH_PENALTIES, value=DEFAULT_LENGTH_PENALTY, step=0.1, label="Length penalty",
-                        info="Beam search only: above 0 favours longer captions (2 scored best on held-out photos).",
+                        *LENGTH_PENALTIES, value=DEFAULTS.length_penalty, step=0.1, label="Length penalty",
+                        info="Beam search only: above 0 favours longer captions.",
                     )
                 button = gr.Button("Caption this photo", variant="primary")
 
@@ -324,18 +296,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     # None lets Gradio use GRADIO_SERVER_NAME / GRADIO_SERVER_PORT, then its own defaults.
     parser.add_argument("--host", default=None, help="interface to listen on (default: $GRADIO_SERVER_NAME or 127.0.0.1)")
     parser.add_argument("--port", type=int, default=None, help="port (default: $GRADIO_SERVER_PORT or 7860)")
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--weights", help="a local weights folder")
-    source.add_argument("--repo", help="a Hugging Face Hub model repo id, e.g. user/image-captioner")
-    parser.add_argument("--revision", help="with --repo: a branch, tag or commit")
+    add_model_arguments(parser)
     args = parser.parse_args(argv)
-    if args.revision and not args.repo:
-        parser.error("--revision needs --repo")
+    check_model_arguments(parser, args)
     return args
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    limit_blas_threads()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log.setLevel(logging.INFO)  # our request log; libraries (httpx, ...) stay at WARNING
     demo = build_demo(*load_captioner(args.weights, args.repo, args.revision))

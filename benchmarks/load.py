@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.speed import find_images, format_table, loadavg
-from captioner.decoding import RECOMMENDED
+from captioner.decoding import DecodingOptions
 from tests.app_server import app_process
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,7 +49,7 @@ def reference_captions(weights: Path, combos: list[tuple]) -> dict:
     references = {}
     for image, method, width in combos:
         # Requests leave out the length penalty, so the app applies its default: the recommended one.
-        result = captioner.caption(image, method, width, length_penalty=RECOMMENDED.length_penalty)
+        result = captioner.caption(image, DecodingOptions(method, beam_width=width))
         references[(image, method, width)] = (result.text, [(text, float(lp)) for text, lp in result.candidates])
     return references
 

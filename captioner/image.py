@@ -49,6 +49,8 @@ DOWNSCALE_GAP = 3
 # the multi-picture JPEGs (MPO) some cameras write.
 ACCEPTED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "AVIF", "BMP", "TIFF")
 FORMAT_NAMES = "JPEG, PNG, GIF, WebP, AVIF, BMP or TIFF"
+# File names of those formats, for picking the images out of a folder (the example gallery, the batch job).
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".webp", ".avif", ".bmp", ".tif", ".tiff")
 # How files of those formats begin (AVIF: "ftyp" at byte 4), to tell a damaged image
 # from a file of another kind when Pillow can't identify it.
 FORMAT_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"RIFF", b"BM", b"II*\x00", b"MM\x00*")

@@ -1,18 +1,20 @@
-"""`Captioner`: images in, captions out. The API the app, the CLI and scripts use."""
+"""`Captioner`: images in, captions out. The API the app, the CLI, the batch job and training's evaluation use."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import keras
 import numpy as np
 
-from .decoding import DecodingOptions, decode
+from .decoding import DecodingOptions, Hypothesis, StepDecoder, decode, length_normalised, prefix_ids
 from .encoder import ENCODERS, ImageEncoder
-from .model import ModelConfig, StepDecoder, build_caption_model
+from .model import ModelConfig, build_caption_model
 from .vocabulary import Vocabulary
 from .weights import BUNDLED_WEIGHTS, WEIGHTS_FILE, WeightsError, WeightsFolder, download_from_hub, load_vocabulary, read_folder
 
@@ -23,15 +25,27 @@ log = logging.getLogger(__name__)
 class Caption:
     text: str
     candidates: list[tuple[str, float]]  # (caption, total log-probability), best first
+    scores: list[float] = dataclasses.field(default_factory=list)  # what decoding ranked them by (beam: with the length penalty)
+
+
+def caption_from_hypotheses(vocab: Vocabulary, hypotheses: list[Hypothesis], options: DecodingOptions) -> Caption:
+    """One image's hypotheses (best first) -> its Caption."""
+    candidates = [(vocab.decode(h.tokens), h.log_prob) for h in hypotheses]
+    alpha = options.length_penalty if options.method == "beam" else 0.0  # greedy keeps one caption, unranked
+    scores = [length_normalised(h.log_prob, len(h.tokens), alpha) for h in hypotheses]
+    return Caption(candidates[0][0], candidates, scores)
 
 
 class Captioner:
-    def __init__(self, model: keras.Model, vocab: Vocabulary, config: ModelConfig, encoder: ImageEncoder, weights: WeightsFolder | None = None):
+    def __init__(self, model: keras.Model, vocab: Vocabulary, config: ModelConfig,
+                 encoder_weights: str | Path | None = "imagenet", weights: WeightsFolder | None = None):
+        """encoder_weights: what ImageEncoder loads when the encoder is first needed ("imagenet", a file, None: random)."""
         if len(vocab) != config.vocab_size:
             raise ValueError(f"vocabulary has {len(vocab)} ids, config says {config.vocab_size}")
-        if encoder.name != config.encoder:
-            raise ValueError(f"the decoder was trained on {config.encoder} features, not {encoder.name}")
-        self.model, self.vocab, self.config, self.encoder, self.weights = model, vocab, config, encoder, weights
+        if config.encoder not in ENCODERS:
+            raise WeightsError(f"Unknown encoder '{config.encoder}'; known: {', '.join(ENCODERS)}.")
+        self.model, self.vocab, self.config, self.weights = model, vocab, config, weights
+        self.encoder_weights = encoder_weights
         self.step_decoder = StepDecoder(model)
 
     # ---- loading ------------------------------------------------------------------------
@@ -69,8 +83,12 @@ class Captioner:
             model.load_weights(folder.path / WEIGHTS_FILE)
         except Exception as exc:  # shape mismatch, broken HDF5
             raise WeightsError(f"{folder.path / WEIGHTS_FILE} does not fit the model in config.json: {exc}") from None
-        encoder = ImageEncoder(config.encoder, weights=None if folder.encoder_weights == "random" else "imagenet")
-        return cls(model, vocab, config, encoder, folder)
+        return cls(model, vocab, config, None if folder.encoder_weights == "random" else "imagenet", folder)
+
+    @cached_property
+    def encoder(self) -> ImageEncoder:
+        """The image encoder, built on first use: captioning cached features never loads it."""
+        return ImageEncoder(self.config.encoder, weights=self.encoder_weights)
 
     # ---- inference ----------------------------------------------------------------------
 
@@ -78,24 +96,42 @@ class Captioner:
         """Images (PIL, paths, bytes or HxWx3 arrays) -> (n, feature_dim) pooled CNN features."""
         return self.encoder(images)
 
-    def caption(self, image, method: str = "greedy", beam_width: int = 5, max_length: int | None = None, length_penalty: float = 0.0) -> Caption:
-        return self.caption_batch([image], method, beam_width, max_length, length_penalty)[0]
+    def caption(self, image, options: DecodingOptions | None = None, **overrides) -> Caption:
+        """One image -> its caption. overrides: DecodingOptions fields, e.g. caption(image, method="greedy")."""
+        return self.caption_batch([image], options, **overrides)[0]
 
-    def caption_batch(self, images, method: str = "greedy", beam_width: int = 5, max_length: int | None = None, length_penalty: float = 0.0) -> list[Caption]:
-        options = DecodingOptions(method, beam_width, max_length, length_penalty)  # validate before the encoder runs
+    def caption_batch(self, images, options: DecodingOptions | None = None, **overrides) -> list[Caption]:
+        options = self.decoding_options(options, **overrides)  # refuse bad options before the encoder runs
         return self.caption_features(self.encode(images), options)
 
-    def caption_features(self, features: np.ndarray, options: DecodingOptions = DecodingOptions()) -> list[Caption]:
-        """Caption precomputed encoder features (training's evaluation uses this)."""
-        results = []
-        for hypotheses in decode(self.step_decoder, self.vocab, features, options, self.config.max_new_tokens):
-            candidates = [(self.vocab.decode(h.tokens), h.log_prob) for h in hypotheses]
-            results.append(Caption(candidates[0][0], candidates))
-        return results
+    def caption_features(self, features: np.ndarray, options: DecodingOptions | None = None, **overrides) -> list[Caption]:
+        """Caption precomputed encoder features (training's evaluation and dev scores use this)."""
+        options = self.decoding_options(options, **overrides)
+        return [
+            caption_from_hypotheses(self.vocab, hypotheses, options)
+            for hypotheses in decode(self.step_decoder, self.vocab, features, options, self.config.max_new_tokens)
+        ]
+
+    def explain(self, image, caption: str | None = None, options: DecodingOptions | None = None, **overrides) -> "Explanation":
+        """Each word of the caption with its probability and where in the image it came from (closed-form Grad-CAM).
+
+        caption: the words to explain; None: caption the image first, with `options` and `overrides`.
+        See captioner/explain.py.
+        """
+        from .explain import explain_image
+
+        return explain_image(self, image, caption, self.decoding_options(options, **overrides))
+
+    def decoding_options(self, options: DecodingOptions | None = None, **overrides) -> DecodingOptions:
+        """`options` (default: the recommended decoding) with `overrides`, checked against this model's vocabulary."""
+        options = dataclasses.replace(options or DecodingOptions(), **overrides)
+        prefix_ids(self.vocab, options.prefix)  # a prompt with words the model doesn't know is refused here, by name
+        return options
 
     def warmup(self) -> None:
         """Run the encoder graph once (it is traced on first use), so the first user doesn't wait for it."""
-        self.encoder.encode_pixels(np.zeros((1, *self.encoder.spec.input_size[::-1], 3), np.float32))
+        width, height = self.encoder.input_size
+        self.encoder.encode_pixels(np.zeros((1, height, width, 3), np.float32))
 
     @property
     def description(self) -> dict:

@@ -20,10 +20,17 @@ from pathlib import Path
 from .model import ModelConfig
 from .vocabulary import SPECIAL_TOKENS, Vocabulary
 
-CONFIG_FILE, VOCAB_FILE, WEIGHTS_FILE, METRICS_FILE = "config.json", "vocab.json", "decoder.weights.h5", "metrics.json"
+CONFIG_FILE, VOCAB_FILE, WEIGHTS_FILE = "config.json", "vocab.json", "decoder.weights.h5"
+METRICS_FILE, METRICS_TABLE_FILE, CARD_FILE, HISTORY_FILE = "metrics.json", "metrics.md", "README.md", "history.json"
 CHECKSUMMED_FILES = (VOCAB_FILE, WEIGHTS_FILE)
-HUB_FILES = [CONFIG_FILE, VOCAB_FILE, WEIGHTS_FILE, METRICS_FILE, "README.md", "*.png"]
+# Every file a weights folder holds: what training.push uploads and the app downloads from the Hub
+# (never training's work files or caption dumps).
+FOLDER_FILES = [CONFIG_FILE, VOCAB_FILE, WEIGHTS_FILE, METRICS_FILE, METRICS_TABLE_FILE, CARD_FILE, HISTORY_FILE, "*.png"]
+# The repository's own weights/ folder: the bundled model, and where training writes by default.
+# `pip install .` puts a copy inside the package (see pyproject.toml).
 BUNDLED_WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
+if not BUNDLED_WEIGHTS.is_dir() and (Path(__file__).resolve().parent / "bundled_weights").is_dir():
+    BUNDLED_WEIGHTS = Path(__file__).resolve().parent / "bundled_weights"
 FORMAT_VERSION = 1
 
 
@@ -122,7 +129,7 @@ def download_from_hub(repo_id: str, revision: str | None = None) -> WeightsFolde
 
     at = f"{repo_id}@{revision or 'main'}"
     try:
-        path = huggingface_hub.snapshot_download(repo_id, revision=revision, allow_patterns=HUB_FILES)
+        path = huggingface_hub.snapshot_download(repo_id, revision=revision, allow_patterns=FOLDER_FILES)
     except RepositoryNotFoundError:
         raise WeightsError(
             f"The Hub repo '{repo_id}' does not exist, or it is private (log in with `hf auth login` or set HF_TOKEN)."
@@ -138,32 +145,3 @@ def download_from_hub(repo_id: str, revision: str | None = None) -> WeightsFolde
         raise WeightsError(f"Downloading {at} from the Hugging Face Hub failed: {exc}") from None
     commit = Path(path).name  # snapshots/<commit sha>
     return read_folder(path, source=f"Hub {repo_id}@{commit[:10]}", revision=commit)
-
-
-def write_random_weights(folder: str | Path, encoder: str = "mobilenet_v2", words: list[str] | None = None,
-                         units: int = 256, max_length: int = 38, seed: int = 0) -> Path:
-    """A complete, checksummed weights folder with a random decoder and a random encoder, for tests and
-    benchmarks: the real file formats and code paths, and nothing to download.
-
-    words: the vocabulary (default: 1,560 made-up words, the bundled model's size).
-    """
-    import keras
-    import numpy as np
-
-    from .encoder import ENCODERS
-    from .model import build_caption_model
-
-    keras.utils.set_random_seed(seed)
-    vocab = Vocabulary(words if words is not None else (f"word{i:04d}" for i in range(1560)))
-    config = ModelConfig(encoder=encoder, vocab_size=len(vocab), max_length=max_length,
-                         feature_dim=ENCODERS[encoder].feature_dim, units=units)
-    model = build_caption_model(config, np.random.default_rng(seed).normal(size=(len(vocab), 50)).astype("float32"))
-    # A random decoder spreads its probability thinly; sharper logits make its captions depend on the image.
-    kernel, bias = model.get_layer("next_word").get_weights()
-    model.get_layer("next_word").set_weights([kernel * 8.0, bias])
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    vocab.save(folder / VOCAB_FILE)
-    model.save_weights(folder / WEIGHTS_FILE)
-    write_config(folder, config, encoder_weights="random")
-    return folder

@@ -10,7 +10,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import pytest
 
-from captioner.weights import write_random_weights
+from captioner.image import IMAGE_SUFFIXES
+from training.random_weights import write_random_weights
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
@@ -21,7 +22,7 @@ TINY_WORDS = ["a", "dog", "cat", "runs", "on", "the", "grass", "man", "red", "bl
 
 def make_weights_folder(folder: Path, seed: int = 0) -> Path:
     """A tiny weights folder (15 words, 32 LSTM units; random MobileNetV2 encoder), built with the real code."""
-    return write_random_weights(folder, "mobilenet_v2", TINY_WORDS, units=32, max_length=12, seed=seed)
+    return write_random_weights(folder, "mobilenet_v2", TINY_WORDS, units=32, context_length=12, seed=seed)
 
 
 @pytest.fixture(scope="session")
@@ -45,4 +46,4 @@ def tiny_captioner(tiny_weights):
 
 @pytest.fixture(scope="session")
 def example_images() -> list[Path]:
-    return sorted(p for p in EXAMPLES.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    return sorted(p for p in EXAMPLES.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)

@@ -35,4 +35,12 @@ def test_plain_output_and_clear_usage_errors(tiny_weights, example_images, tmp_p
     assert result.returncode == 2 and "No trained weights" in result.stderr and "Traceback" not in result.stderr
 
     result = run_cli(example_images[0], "--weights", tiny_weights, "--beam-width", "0", "--method", "beam")
-    assert result.returncode == 2 and "beam_width must be between 1 and 50" in result.stderr
+    assert result.returncode == 2 and "Beam width must be between 1 and 10" in result.stderr
+
+    result = run_cli(example_images[0], "--weights", tiny_weights, "--prefix", "a zebra")
+    assert result.returncode == 2 and "doesn't know the word 'zebra'" in result.stderr
+
+
+def test_the_prefix_starts_the_caption(tiny_weights, example_images):
+    result = run_cli(example_images[0], "--weights", tiny_weights, "--prefix", "A dog", "--method", "greedy")
+    assert result.returncode == 0 and result.stdout.startswith(f"{example_images[0]}: a dog")

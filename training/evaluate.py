@@ -17,17 +17,16 @@ import time
 from pathlib import Path
 
 from captioner import Captioner, DecodingOptions
-from captioner.decoding import RECOMMENDED
 from captioner.vocabulary import normalize_caption
 from training.features import load_features
 from training.prepare import DEFAULT_WORK_DIR
 
 SETTINGS = {
     "greedy": DecodingOptions("greedy"),
-    "beam3": DecodingOptions("beam", beam_width=3),
-    "beam5": DecodingOptions("beam", beam_width=5),
+    "beam3": DecodingOptions("beam", beam_width=3, length_penalty=0.0),
+    "beam5": DecodingOptions("beam", beam_width=5, length_penalty=0.0),
     # Chosen on the dev split (length penalty 0, 1, 1.5, 2, 3 with widths 3 and 5), never on test.
-    "beam5_lp2": RECOMMENDED,
+    "beam5_lp2": DecodingOptions("beam", beam_width=5, length_penalty=2.0),
 }
 COCO_METRICS = ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr"]
 

@@ -22,8 +22,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from captioner.decoding import RECOMMENDED, decode
-from captioner.model import ModelConfig, StepDecoder, build_caption_model
+from captioner.decoding import DecodingOptions
+from captioner.inference import Captioner
+from captioner.model import ModelConfig, build_caption_model
 from captioner.vocabulary import Vocabulary, normalize_caption
 from captioner.weights import VOCAB_FILE, WEIGHTS_FILE, write_config
 from training.features import load_features
@@ -96,23 +97,27 @@ def caption_batches(features, rows, inputs, targets, weights, batch_size: int, s
 
 
 class DevCaptionScores(keras.callbacks.Callback):
-    """Captions the dev images after each epoch, as the app does by default (decoding.RECOMMENDED),
+    """Captions the dev images after each epoch as the app does by default (DecodingOptions' defaults),
     and logs their BLEU-4 and CIDEr (as dev_bleu4, dev_cider), so early stopping can follow the scores
     that matter rather than the loss. References are normalised the way the vocabulary is."""
 
-    def __init__(self, vocab: Vocabulary, features: np.ndarray, references: list[list[str]], max_new_tokens: int):
+    def __init__(self, vocab: Vocabulary, config: ModelConfig, features: np.ndarray, references: list[list[str]]):
         super().__init__()
-        self.vocab, self.features, self.max_new_tokens = vocab, features, max_new_tokens
+        self.vocab, self.config, self.features = vocab, config, features
         self.references = {i: [" ".join(normalize_caption(r)) for r in refs] for i, refs in enumerate(references)}
 
     def on_epoch_end(self, epoch, logs=None):
+        logs.update(self.scores(self.model))
+
+    def scores(self, model: keras.Model, options: DecodingOptions | None = None) -> dict[str, float]:
+        """{"dev_bleu4", "dev_cider"} of `model`'s dev captions (the self-critical step scores its epochs here too)."""
         from pycocoevalcap.bleu.bleu import Bleu
         from pycocoevalcap.cider.cider import Cider
 
-        hypotheses = decode(StepDecoder(self.model), self.vocab, self.features, RECOMMENDED, self.max_new_tokens)
-        captions = {i: [self.vocab.decode(best.tokens)] for i, (best, *_) in enumerate(hypotheses)}
-        logs["dev_bleu4"] = float(Bleu(4).compute_score(self.references, captions, verbose=0)[0][3])
-        logs["dev_cider"] = float(Cider().compute_score(self.references, captions)[0])
+        best = Captioner(model, self.vocab, self.config).caption_features(self.features, options)
+        captions = {i: [caption.text] for i, caption in enumerate(best)}
+        return {"dev_bleu4": float(Bleu(4).compute_score(self.references, captions, verbose=0)[0][3]),
+                "dev_cider": float(Cider().compute_score(self.references, captions)[0])}
 
 
 def export_weights(config: ModelConfig, checkpoint: Path) -> None:
@@ -123,22 +128,40 @@ def export_weights(config: ModelConfig, checkpoint: Path) -> None:
     model.save_weights(checkpoint)
 
 
-def plot_history(history: dict, best_epoch: int, path: Path) -> None:
+def plot_history(history: dict, best_epoch: int, path: Path, scst_best_epoch: int | None = None) -> None:
+    """Cross-entropy loss and dev scores per epoch; with the self-critical step's entries (training/scst.py),
+    a third panel for its epochs (0: the cross-entropy model it started from)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    epochs = range(1, len(history["loss"]) + 1)
-    fig, (loss_ax, score_ax) = plt.subplots(1, 2, figsize=(9, 3.5), dpi=100)
-    loss_ax.plot(epochs, history["loss"], marker="o", label="train")
-    loss_ax.plot(epochs, history["val_loss"], marker="o", label="dev")
-    loss_ax.set(xlabel="epoch", ylabel="cross-entropy per word", title="Loss")
-    score_ax.plot(epochs, history["dev_cider"], marker="o", label="CIDEr")
-    score_ax.plot(epochs, history["dev_bleu4"], marker="o", label="BLEU-4")
-    score_ax.set(xlabel="epoch", title="Dev scores (beam 5, length penalty 2)")
-    for ax in (loss_ax, score_ax):
-        ax.axvline(best_epoch, color="grey", linestyle=":", label=f"kept (epoch {best_epoch})")
+    stages = (["loss"] if "loss" in history else []) + (["scst"] if "scst_dev_cider" in history else [])
+    fig, axes = plt.subplots(1, 2 * ("loss" in stages) + ("scst" in stages), figsize=(4.5 * (2 * ("loss" in stages) + ("scst" in stages)), 3.5), dpi=100, squeeze=False)
+    axes = list(axes[0])
+    decoding = DecodingOptions()
+    decoding_text = "greedy" if decoding.method == "greedy" else f"beam {decoding.beam_width}, length penalty {decoding.length_penalty:g}"
+    if "loss" in stages:
+        loss_ax, score_ax = axes.pop(0), axes.pop(0)
+        epochs = range(1, len(history["loss"]) + 1)
+        loss_ax.plot(epochs, history["loss"], marker="o", label="train")
+        loss_ax.plot(epochs, history["val_loss"], marker="o", label="dev")
+        loss_ax.set(xlabel="epoch", ylabel="cross-entropy per word", title="Loss")
+        score_ax.plot(epochs, history["dev_cider"], marker="o", label="CIDEr")
+        score_ax.plot(epochs, history["dev_bleu4"], marker="o", label="BLEU-4")
+        score_ax.set(xlabel="epoch", title=f"Dev scores ({decoding_text})")
+        for ax in (loss_ax, score_ax):
+            ax.axvline(best_epoch, color="grey", linestyle=":", label=f"kept (epoch {best_epoch})")
+            ax.legend()
+    if "scst" in stages:
+        ax = axes.pop(0)
+        epochs = range(len(history["scst_dev_cider"]))
+        ax.plot(epochs, history["scst_dev_cider"], marker="o", label="dev CIDEr")
+        ax.plot(epochs, history["scst_dev_bleu4"], marker="o", label="dev BLEU-4")
+        ax.plot(epochs[1:], history["scst_train_reward"], marker=".", linestyle="--", label="train reward (CIDEr-D)")
+        if scst_best_epoch is not None:
+            ax.axvline(scst_best_epoch, color="grey", linestyle=":", label=f"kept (epoch {scst_best_epoch})")
+        ax.set(xlabel="self-critical epoch (0: the cross-entropy model)", title=f"Self-critical training ({decoding_text})")
         ax.legend()
     fig.tight_layout()
     fig.savefig(path)
@@ -166,7 +189,7 @@ def train(work_dir: Path, out: Path, encoder: str, epochs: int = 30, batch_size:
         train_features = np.concatenate([train_features, flipped_features])
     dev_rows, dev_text, dev_y, dev_w = make_sequences(vocab, dataset["splits"]["dev"], dev_names, length)
 
-    config = ModelConfig(encoder=encoder, vocab_size=len(vocab), max_length=dataset["max_length"],
+    config = ModelConfig(encoder=encoder, vocab_size=len(vocab), context_length=dataset["max_length"],
                          feature_dim=train_features.shape[1], dropout=dropout)
     model = build_caption_model(config, embedding)
     model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy")
@@ -181,7 +204,7 @@ def train(work_dir: Path, out: Path, encoder: str, epochs: int = 30, batch_size:
         log_file.unlink(missing_ok=True)
     earlier = read_log(log_file)  # epochs finished before an interruption
     callbacks = [  # in this order: the dev scores are logged before the others read them
-        DevCaptionScores(vocab, dev_features, dev_references, config.max_new_tokens),
+        DevCaptionScores(vocab, config, dev_features, dev_references),
         keras.callbacks.BackupAndRestore(str(backup_dir)),  # resumes an interrupted run at its last epoch
         keras.callbacks.ModelCheckpoint(
             str(checkpoint), monitor=monitor, mode=mode, save_best_only=True, save_weights_only=True,

@@ -1,0 +1,96 @@
+"""The command line, and the flags every entry point shares.
+
+    captioner photo.jpg [more.jpg ...] [--method beam] [--beam-width 5] [--weights DIR | --repo ID] [--json]
+    (or python -m captioner ...)
+
+`add_model_arguments` and `add_decoding_arguments` are the one definition of the model-choosing and
+decoding flags: the app, this CLI and the batch job use them, and `decoding_options(args)` turns the
+decoding flags into the one `DecodingOptions`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+
+DECODING_FLAGS = {  # DecodingOptions field -> its flag (the field's default is the flag's default)
+    "method": "--method",
+    "beam_width": "--beam-width",
+    "max_new_tokens": "--max-new-tokens",
+    "length_penalty": "--length-penalty",
+    "prefix": "--prefix",
+    "no_repeat_ngram_size": "--no-repeat-ngram-size",
+}
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--weights", help="a local weights folder (default: $CAPTIONER_REPO, else the bundled weights/)")
+    source.add_argument("--repo", help="a Hugging Face Hub model repo id, e.g. user/image-captioner")
+    parser.add_argument("--revision", help="with --repo: a branch, tag or commit")
+
+
+def check_model_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.revision and not args.repo:
+        parser.error("--revision needs --repo")
+
+
+def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
+    """The decoding flags; each defaults to None, which means DecodingOptions' own default."""
+    from .decoding import METHODS, DecodingOptions
+
+    defaults = DecodingOptions()
+    group = parser.add_argument_group("decoding (defaults: the recommended decoding)")
+    group.add_argument("--method", choices=METHODS, help=f"default: {defaults.method}")
+    group.add_argument("--beam-width", type=int, help=f"beams kept by beam search (default: {defaults.beam_width})")
+    group.add_argument("--max-new-tokens", type=int, help="most words to generate (default: the model's)")
+    group.add_argument("--length-penalty", type=float, help=f"GNMT length penalty for beam search (default: {defaults.length_penalty:g})")
+    group.add_argument("--prefix", help='words the caption must start with, e.g. "a dog"')
+    group.add_argument("--no-repeat-ngram-size", type=int, help="forbid repeating any n-gram of this size (default: off)")
+
+
+def decoding_options(args: argparse.Namespace):
+    """The decoding flags given -> DecodingOptions (raises ValueError with a sentence for a bad value)."""
+    from .decoding import DecodingOptions
+
+    given = {field: getattr(args, field) for field in DECODING_FLAGS if getattr(args, field, None) is not None}
+    return dataclasses.replace(DecodingOptions(), **given)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="captioner", description="Caption images with the merge CNN-LSTM model.")
+    parser.add_argument("images", nargs="+", help="image files")
+    add_decoding_arguments(parser)
+    add_model_arguments(parser)
+    parser.add_argument("--json", action="store_true", help="print one JSON object per image, with the candidates")
+    args = parser.parse_args(argv)
+    check_model_arguments(parser, args)
+
+    from . import Captioner, InvalidImageError, WeightsError
+    from .decoding import limit_blas_threads
+
+    limit_blas_threads()
+    try:
+        options = decoding_options(args)  # fail before loading the model
+        captioner = Captioner.from_pretrained(args.weights or args.repo, revision=args.revision)
+        options = captioner.decoding_options(options)  # the prefix's words, against this model's vocabulary
+    except (ValueError, WeightsError) as exc:
+        parser.exit(2, f"error: {exc}\n")
+
+    failures = 0
+    for path in args.images:
+        try:
+            caption = captioner.caption(path, options)
+        except InvalidImageError as exc:
+            failures += 1
+            print(json.dumps({"image": path, "error": str(exc)}) if args.json else f"{path}: error: {exc}",
+                  file=sys.stdout if args.json else sys.stderr)
+            continue
+        if args.json:
+            candidates = [{"caption": text, "log_prob": round(lp, 4)} for text, lp in caption.candidates]
+            print(json.dumps({"image": path, "caption": caption.text, "candidates": candidates}))
+        else:
+            print(f"{path}: {caption.text}")
+    return 1 if failures else 0
