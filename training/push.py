@@ -20,11 +20,8 @@ from huggingface_hub import CommitInfo, HfApi, get_token
 from huggingface_hub.errors import HFValidationError, HfHubHTTPError
 from huggingface_hub.utils import validate_repo_id
 
-from captioner.weights import CONFIG_FILE, METRICS_FILE, VOCAB_FILE, WeightsError, read_folder
+from captioner.weights import BUNDLED_WEIGHTS, FOLDER_FILES, WeightsError, read_folder
 from training.model_card import write_model_card
-
-# What the Hub repo gets: never the training work files, caption dumps or stray files beside the weights.
-PUSHED_FILES = [CONFIG_FILE, VOCAB_FILE, "*.weights.h5", METRICS_FILE, "metrics.md", "README.md", "*.png", "history.json"]
 
 
 class PushError(RuntimeError):
@@ -59,7 +56,7 @@ def push(weights: Path, repo_id: str, private: bool = False, message: str | None
             folder_path=weights,
             repo_id=repo_id,
             repo_type="model",
-            allow_patterns=PUSHED_FILES,
+            allow_patterns=FOLDER_FILES,  # never training's work files or caption dumps
             commit_message=message or f"Upload {folder.config.encoder} captioner weights",
         )
     except HfHubHTTPError as exc:
@@ -73,7 +70,7 @@ def push(weights: Path, repo_id: str, private: bool = False, message: str | None
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--weights", type=Path, default=Path("weights"), help="the weights folder (default: %(default)s)")
+    parser.add_argument("--weights", type=Path, default=BUNDLED_WEIGHTS, help="the weights folder (default: the bundled weights/)")
     parser.add_argument("--repo", required=True, help="Hub model repo id, e.g. yourname/flickr8k-captioner")
     parser.add_argument("--private", action="store_true",
                         help="create the repo as private (an existing repo keeps its visibility)")
