@@ -21,7 +21,7 @@ from training import run_all
 from training.evaluate import COCO_METRICS
 from training.flickr8k import SPLIT_FILES, read_captions
 from training.model_card import write_model_card
-from training.prepare import prepare
+from training.prepare import PrepareConfig, prepare
 from tests.conftest import FLICKR8K
 
 MOBILENET_WEIGHTS = "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.5_224_no_top.h5"
@@ -47,7 +47,7 @@ def run_pipeline(data: Path, work: Path, out: Path, *options: str) -> None:
 
 @needs_flickr8k
 def test_full_training_vocabulary_and_missing_images(tmp_path):
-    dataset = prepare(FLICKR8K, tmp_path)
+    dataset = prepare(PrepareConfig(FLICKR8K, tmp_path))
     # Words seen more than 10 times in the 30,000 training captions.
     assert dataset["vocabulary"] == {"min_count": 10, "words": 1560, "ids": 1560 + len(SPECIAL_TOKENS)}
     assert len(Vocabulary.load(tmp_path / "vocab.json")) == 1564

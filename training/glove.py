@@ -9,15 +9,22 @@ zero vectors; the layer is frozen during training, as in the original model.
 
 from __future__ import annotations
 
-import argparse
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from captioner.vocabulary import SPECIAL_TOKENS, Vocabulary
+from training.config import option, parse_config
 from training.prepare import DEFAULT_WORK_DIR
 
 EMBEDDING_DIM = 50
+
+
+@dataclass(frozen=True)
+class GloveConfig:
+    work_dir: Path = option(DEFAULT_WORK_DIR, "where every step writes")
+    glove_txt: Path | None = option(None, "a glove.6B.50d.txt file instead of the PyPI package")
 
 
 def load_glove(glove_txt: Path | None = None) -> dict[str, np.ndarray]:
@@ -51,16 +58,16 @@ def build_embedding_matrix(vocab: Vocabulary, glove: dict[str, np.ndarray]) -> t
     return matrix, missing
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--work-dir", type=Path, default=DEFAULT_WORK_DIR)
-    parser.add_argument("--glove-txt", type=Path, help="a glove.6B.50d.txt file instead of the PyPI package")
-    args = parser.parse_args(argv)
-    vocab = Vocabulary.load(args.work_dir / "vocab.json")
-    matrix, missing = build_embedding_matrix(vocab, load_glove(args.glove_txt))
-    np.save(args.work_dir / "embedding.npy", matrix)
+def write_embedding_matrix(config: GloveConfig) -> None:
+    vocab = Vocabulary.load(Path(config.work_dir) / "vocab.json")
+    matrix, missing = build_embedding_matrix(vocab, load_glove(config.glove_txt))
+    np.save(Path(config.work_dir) / "embedding.npy", matrix)
     print(f"embedding matrix {matrix.shape}: {len(missing)} of {len(vocab) - len(SPECIAL_TOKENS)} words not in GloVe "
           f"(zero vectors){': ' + ', '.join(missing[:20]) if missing else ''}")
+
+
+def main(argv=None):
+    write_embedding_matrix(parse_config(GloveConfig, argv, __doc__))
 
 
 if __name__ == "__main__":

@@ -5,18 +5,27 @@
 
 from __future__ import annotations
 
-import argparse
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from captioner.vocabulary import Vocabulary, normalize_caption
+from training.config import option, parse_config
 from training.flickr8k import DEFAULT_DATA_DIR, image_path, read_captions, read_split
 
 DEFAULT_WORK_DIR = Path("artifacts")
 
 
-def prepare(data_dir: Path, work_dir: Path, min_count: int = 10, limit: int | None = None) -> dict:
-    """`limit`: keep only the first `limit` images of each split file (smoke runs and tests)."""
+@dataclass(frozen=True)
+class PrepareConfig:
+    data: Path = option(DEFAULT_DATA_DIR, "the Flickr8k folder")
+    work_dir: Path = option(DEFAULT_WORK_DIR, "where every step writes")
+    min_count: int = option(10, "keep words seen more than this often in training captions")
+    limit: int | None = option(None, "use only the first N images of each split (smoke runs)")
+
+
+def prepare(config: PrepareConfig) -> dict:
+    data_dir, work_dir, min_count, limit = config.data, Path(config.work_dir), config.min_count, config.limit
     captions = read_captions(data_dir)
     dataset = {"splits": {}, "missing_images": {}, "limit": limit}
     for split in ("train", "dev", "test"):
@@ -37,13 +46,7 @@ def prepare(data_dir: Path, work_dir: Path, min_count: int = 10, limit: int | No
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA_DIR, help="Flickr8k folder (default: %(default)s)")
-    parser.add_argument("--work-dir", type=Path, default=DEFAULT_WORK_DIR, help="where every step writes (default: %(default)s)")
-    parser.add_argument("--min-count", type=int, default=10, help="keep words seen more than this often in training captions")
-    parser.add_argument("--limit", type=int, help="use only the first N images of each split (smoke runs)")
-    args = parser.parse_args(argv)
-    dataset = prepare(args.data, args.work_dir, args.min_count, args.limit)
+    dataset = prepare(parse_config(PrepareConfig, argv, __doc__))
     for split, images in dataset["splits"].items():
         print(f"{split}: {len(images)} images, {sum(map(len, images.values()))} captions, "
               f"{len(dataset['missing_images'][split])} image files missing")
