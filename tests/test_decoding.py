@@ -97,15 +97,20 @@ def test_forbidden_tokens_get_zero_probability_and_the_rest_renormalise(parts):
     np.testing.assert_allclose(np.exp(log_probs).sum(axis=1), 1.0)
 
 
+def caption_log_prob(step, vocab, image, tokens) -> float:
+    """The caption's log-probability, one step decoder call per token, as decoding must add it up."""
+    state, token, total = step.initial_state(1), np.array([vocab.start_id]), 0.0
+    for i, next_token in enumerate(tokens):
+        logits, state = step.step(image[None], token, state)
+        total += allowed_log_probs(logits, vocab, first_step=i == 0)[0, next_token]
+        token = np.array([next_token])
+    return total
+
+
 def test_log_probs_are_the_sum_of_the_step_log_probs(parts):
     step, vocab, image, _ = parts
     (hyp,) = greedy_decode(step, vocab, image[:1], GREEDY, 11)
-    state, token, total = step.initial_state(1), np.array([vocab.start_id]), 0.0
-    for i, next_token in enumerate(hyp.tokens):
-        logits, state = step.step(image[:1], token, state)
-        total += allowed_log_probs(logits, vocab, first_step=i == 0)[0, next_token]
-        token = np.array([next_token])
-    assert hyp.log_prob == pytest.approx(total, abs=1e-5)
+    assert hyp.log_prob == pytest.approx(caption_log_prob(step, vocab, image[0], hyp.tokens), abs=1e-5)
 
 
 def test_max_new_tokens_and_length_penalty(parts):
@@ -128,12 +133,7 @@ def test_a_prefix_starts_every_caption_and_is_scored_like_the_rest(parts, option
             assert h.tokens[:2] == prefix and len(h.tokens) <= 2 + 11
     # Greedy from a prefix continues exactly as the step decoder would after feeding it.
     (hyp,) = greedy_decode(step, vocab, image[:1], dataclasses.replace(GREEDY, prefix="a dog"), 11)
-    state, token, total = step.initial_state(1), np.array([vocab.start_id]), 0.0
-    for i, next_token in enumerate(hyp.tokens):
-        logits, state = step.step(image[:1], token, state)
-        total += allowed_log_probs(logits, vocab, first_step=i == 0)[0, next_token]
-        token = np.array([next_token])
-    assert hyp.log_prob == pytest.approx(total, abs=1e-5)
+    assert hyp.log_prob == pytest.approx(caption_log_prob(step, vocab, image[0], hyp.tokens), abs=1e-5)
 
 
 def test_a_prefix_with_unknown_words_is_refused_by_name(parts):
