@@ -1,6 +1,7 @@
 """The command line, and the flags every entry point shares.
 
-    captioner photo.jpg [more.jpg ...] [--method beam] [--beam-width 5] [--weights DIR | --repo ID] [--json]
+    captioner photo.jpg [more.jpg ...] [--method beam] [--beam-width 5] [--prefix "a dog"] [--weights DIR | --repo ID]
+              [--json] [--explain OUT_DIR]
     (or python -m captioner ...)
 
 `add_model_arguments` and `add_decoding_arguments` are the one definition of the model-choosing and
@@ -65,11 +66,14 @@ def main(argv=None) -> int:
     add_decoding_arguments(parser)
     add_model_arguments(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object per image, with the candidates")
+    parser.add_argument("--explain", metavar="DIR", help="also write where the model looked for each word: "
+                        "DIR/<image>/NN_word.jpg (the photo with that word's heatmap) and words.json")
     args = parser.parse_args(argv)
     check_model_arguments(parser, args)
 
     from . import Captioner, InvalidImageError, WeightsError
     from .decoding import limit_blas_threads
+    from .explain import explanation_folder, save_overlays
 
     limit_blas_threads()
     try:
@@ -79,18 +83,24 @@ def main(argv=None) -> int:
     except (ValueError, WeightsError) as exc:
         parser.exit(2, f"error: {exc}\n")
 
-    failures = 0
+    failures, written = 0, set()
     for path in args.images:
         try:
-            caption = captioner.caption(path, options)
+            explanation = captioner.explain(path, options=options) if args.explain else None
+            caption = explanation.caption if explanation else captioner.caption(path, options)
         except InvalidImageError as exc:
             failures += 1
             print(json.dumps({"image": path, "error": str(exc)}) if args.json else f"{path}: error: {exc}",
                   file=sys.stdout if args.json else sys.stderr)
             continue
+        folder = save_overlays(explanation, explanation_folder(args.explain, path, written)) if explanation else None
         if args.json:
             candidates = [{"caption": text, "log_prob": round(lp, 4)} for text, lp in caption.candidates]
-            print(json.dumps({"image": path, "caption": caption.text, "candidates": candidates}))
+            line = {"image": path, "caption": caption.text, "candidates": candidates}
+            if folder:
+                line["explanation"] = str(folder)
+                line["words"] = [{"word": w.word, "probability": round(w.probability, 4)} for w in explanation.words]
+            print(json.dumps(line))
         else:
-            print(f"{path}: {caption.text}")
+            print(f"{path}: {caption.text}" + (f"  (heatmaps in {folder})" if folder else ""))
     return 1 if failures else 0

@@ -116,7 +116,15 @@ class StepDecoder:
         self.token_gates = embeddings @ kernel + lstm_bias
         self.decoder_kernel, self.decoder_bias = weights("decoder_dense")
         self.output_kernel, self.output_bias = weights("next_word")
-        self.units = self.recurrent_kernel.shape[0]
+        self.units = units = self.recurrent_kernel.shape[0]
+        # What `step` multiplies by: the gates' columns in the order input, forget, output, cell, and the
+        # three sigmoid gates' halved, so that one tanh over a row gives all four gates, as
+        # sigmoid(x) = (tanh(x / 2) + 1) / 2. Halving is exact in floating point: the logits are bit for bit
+        # those of the gate-by-gate form (Keras' order is input, forget, cell, output), with fewer NumPy calls.
+        order = np.r_[0 : 2 * units, 3 * units : 4 * units, 2 * units : 3 * units]
+        scale = np.repeat(np.array([0.5, 0.5, 0.5, 1.0], np.float32), units)
+        self._step_token_gates = np.ascontiguousarray(self.token_gates[:, order] * scale)
+        self._step_recurrent_kernel = np.ascontiguousarray(self.recurrent_kernel[:, order] * scale)
 
     def project_image(self, features: np.ndarray) -> np.ndarray:
         """(n, feature_dim) features -> (n, units) image branch (dropout is off at inference)."""
@@ -127,21 +135,30 @@ class StepDecoder:
         return zeros, zeros.copy()
 
     def step(self, image: np.ndarray, tokens: np.ndarray, state: tuple[np.ndarray, np.ndarray]):
-        """One token per row -> (next-token logits (n, vocab), new state); softmax gives the model's probabilities.
-
-        Keras' LSTM gate order is input, forget, cell, output.
-        """
+        """One token per row -> (next-token logits (n, vocab), new state); softmax gives the model's probabilities."""
         h, c = state
-        z = self.token_gates[tokens] + h @ self.recurrent_kernel
-        i, f, g, o = np.split(z, 4, axis=1)
-        c = _sigmoid(f) * c + _sigmoid(i) * np.tanh(g)
-        h = _sigmoid(o) * np.tanh(c)
-        hidden = np.maximum((image + h) @ self.decoder_kernel + self.decoder_bias, 0.0)
-        return hidden @ self.output_kernel + self.output_bias, (h, c)
+        u = self.units
+        gates = self._step_token_gates[tokens]  # a new array: the in-place steps below don't touch the table
+        gates += h @ self._step_recurrent_kernel
+        np.tanh(gates, out=gates)
+        sigmoids = gates[:, : 3 * u]
+        sigmoids *= 0.5
+        sigmoids += 0.5
+        input_gate, forget_gate, output_gate, cell_input = (gates[:, i * u : (i + 1) * u] for i in range(4))
+        c = forget_gate * c
+        c += input_gate * cell_input
+        h = np.tanh(c)
+        h *= output_gate
+        hidden = (image + h) @ self.decoder_kernel
+        hidden += self.decoder_bias
+        np.maximum(hidden, 0.0, out=hidden)
+        logits = hidden @ self.output_kernel
+        logits += self.output_bias
+        return logits, (h, c)
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 0.5 * (np.tanh(0.5 * x) + 1.0)  # overflow-free form of 1 / (1 + exp(-x))
+    return 0.5 * (np.tanh(0.5 * x) + 1.0)  # overflow-free form of 1 / (1 + exp(-x)); StepDecoder.step inlines it
 
 
 def limit_blas_threads() -> None:
@@ -176,34 +193,47 @@ def decode(
 def prefix_ids(vocab: Vocabulary, prefix: str) -> tuple[int, ...]:
     """The prompt's words -> token ids; words the model doesn't know are refused, by name."""
     words = normalize_caption(prefix)
-    unknown = [w for w in words if w not in vocab.stoi or vocab.stoi[w] in vocab.forbidden_ids]
+    unknown = list(dict.fromkeys(w for w in words if w not in vocab.stoi or vocab.stoi[w] in vocab.forbidden_ids))
     if unknown:
-        listed = ", ".join(f"'{w}'" for w in dict.fromkeys(unknown))
+        listed = ", ".join(f"'{w}'" for w in unknown)
         raise ValueError(f"The model doesn't know the word{'s' if len(unknown) > 1 else ''} {listed}: start the caption with other words.")
     return tuple(vocab.stoi[w] for w in words)
 
 
 def allowed_log_probs(logits: np.ndarray, vocab: Vocabulary, first_step: bool) -> np.ndarray:
     """Log-softmax over the tokens a caption may contain at this step."""
-    logits = logits.copy()
-    logits[:, vocab.forbidden_ids] = -np.inf
-    if first_step:
-        logits[:, vocab.end_id] = -np.inf
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+    log_probs = logits + _forbidden_tokens(vocab, first_step)  # a new array, -inf where forbidden
+    log_probs -= log_probs.max(axis=-1, keepdims=True)
+    log_probs -= np.log(np.exp(log_probs).sum(axis=-1, keepdims=True))
+    return log_probs
 
 
-def forbid_repeated_ngrams(log_probs: np.ndarray, captions: list[tuple[int, ...]], n: int) -> None:
-    """In place: the tokens that would make an n-gram of a row's caption appear twice get zero probability."""
-    if n == 0:
+_FORBIDDEN: dict[tuple, np.ndarray] = {}
+
+
+def _forbidden_tokens(vocab: Vocabulary, first_step: bool) -> np.ndarray:
+    """(vocab,) float32: -inf for the tokens a caption never contains (and <end> as its first word), else 0."""
+    forbidden = (*vocab.forbidden_ids, vocab.end_id) if first_step else tuple(vocab.forbidden_ids)
+    key = (len(vocab), forbidden)
+    if key not in _FORBIDDEN:
+        mask = np.zeros(len(vocab), np.float32)
+        mask[list(forbidden)] = -np.inf
+        _FORBIDDEN[key] = mask
+    return _FORBIDDEN[key]
+
+
+def forbid_repeated_ngrams(log_probs: np.ndarray, captions: np.ndarray, n: int) -> None:
+    """In place: the tokens that would make an n-gram of a row's caption appear twice get zero probability.
+
+    captions: (rows, length) tokens so far, one row per row of log_probs (beams all have the same length).
+    """
+    captions = np.asarray(captions)
+    if n == 0 or captions.shape[1] < n:
         return
-    for row, caption in enumerate(captions):
-        if len(caption) < n - 1:
-            continue
-        ending = caption[len(caption) - n + 1 :]
-        for i in range(len(caption) - n + 1):
-            if caption[i : i + n - 1] == ending:
-                log_probs[row, caption[i + n - 1]] = -np.inf
+    ending = captions[:, captions.shape[1] - n + 1 :]  # the last n - 1 tokens: an n-gram's first n - 1
+    earlier = np.lib.stride_tricks.sliding_window_view(captions[:, :-1], n - 1, axis=1)  # each earlier (n-1)-gram
+    rows, starts = np.nonzero((earlier == ending[:, None, :]).all(axis=2))
+    log_probs[rows, captions[rows, starts + n - 1]] = -np.inf  # the token that followed it then
 
 
 def _start(step_decoder: StepDecoder, vocab: Vocabulary, image: np.ndarray, prefix: tuple[int, ...]):
@@ -221,24 +251,35 @@ def _start(step_decoder: StepDecoder, vocab: Vocabulary, image: np.ndarray, pref
 def greedy_decode(
     step_decoder: StepDecoder, vocab: Vocabulary, image: np.ndarray, options: DecodingOptions, max_new_tokens: int
 ) -> list[Hypothesis]:
-    """The most likely next token at each step. image: the projected image branch (StepDecoder.project_image)."""
+    """The most likely next token at each step. image: the projected image branch (StepDecoder.project_image).
+
+    All images step together; an image's row leaves the batch once its caption has ended.
+    """
     n, prefix = len(image), prefix_ids(vocab, options.prefix)
     steps = options.max_new_tokens or max_new_tokens
     state, logits, log_probs = _start(step_decoder, vocab, image, prefix)
-    captions = [prefix] * n
-    finished = np.zeros(n, dtype=bool)
+    captions = np.empty((n, len(prefix) + steps), np.int64)
+    captions[:, : len(prefix)] = prefix
+    lengths = np.full(n, len(prefix) + steps)
+    rows = np.arange(n)  # the images whose captions go on
     for step in range(steps):
+        length = len(prefix) + step  # tokens so far
         if step:
-            logits, state = step_decoder.step(image, tokens, state)
+            logits, state = step_decoder.step(image[rows], tokens, state)
         step_log_probs = allowed_log_probs(logits, vocab, first_step=not prefix and step == 0)
-        forbid_repeated_ngrams(step_log_probs, captions, options.no_repeat_ngram_size)
-        tokens = np.where(finished, vocab.end_id, step_log_probs.argmax(axis=-1))
-        log_probs += np.where(finished, 0.0, step_log_probs[np.arange(n), tokens])
-        captions = [c if done else c + (int(t),) for c, t, done in zip(captions, tokens, finished)]
-        finished |= tokens == vocab.end_id
-        if finished.all():
-            break
-    return [Hypothesis(caption, float(lp)) for caption, lp in zip(captions, log_probs)]
+        if options.no_repeat_ngram_size:
+            forbid_repeated_ngrams(step_log_probs, captions[rows, :length], options.no_repeat_ngram_size)
+        tokens = step_log_probs.argmax(axis=-1)
+        log_probs[rows] += step_log_probs[np.arange(len(rows)), tokens]
+        captions[rows, length] = tokens
+        ended = tokens == vocab.end_id
+        if ended.any():
+            lengths[rows[ended]] = length + 1
+            going = ~ended
+            rows, tokens, state = rows[going], tokens[going], (state[0][going], state[1][going])
+            if not rows.size:
+                break
+    return [Hypothesis(tuple(captions[i, : lengths[i]].tolist()), float(log_probs[i])) for i in range(n)]
 
 
 def length_normalised(log_prob: float, length: int, alpha: float) -> float:
@@ -252,60 +293,88 @@ def beam_search_decode(
     picks <end> moves to that image's finished list. An image is done once it
     has `beam_width` finished captions (or at the token budget, where its live beams
     count as finished). Returns up to `beam_width` distinct captions per image,
-    ranked by the length-normalised score."""
+    ranked by the length-normalised score.
+
+    Every step chooses for all images at once, with array operations: each image's
+    candidates (its beams x the vocabulary) form one row of a matrix, and each row
+    is walked in score order the same way: endings join the finished list while it
+    has room, until `beam_width` captions go on.
+    """
     n, k, prefix = len(image), options.beam_width, prefix_ids(vocab, options.prefix)
     steps = options.max_new_tokens or max_new_tokens
-    state, logits, prefix_log_prob = _start(step_decoder, vocab, image, prefix)
-    # Live beams of all images, flattened: row r belongs to image owner[r].
+    state, logits, scores = _start(step_decoder, vocab, image, prefix)
+    vocab_size, end = logits.shape[1], vocab.end_id
+    # Live beams of all images, flattened and grouped by image: row r belongs to image owner[r].
     owner = np.arange(n)
-    captions: list[tuple[int, ...]] = [prefix] * n
-    scores = prefix_log_prob
-    finished: list[list[Hypothesis]] = [[] for _ in range(n)]
+    captions = np.tile(np.array(prefix, np.int64), (n, 1))  # (rows, tokens so far)
+    # Each image's finished captions, in the order they finished.
+    finished_tokens = np.full((n, k, len(prefix) + steps), end)
+    finished_lengths = np.zeros((n, k), np.int64)
+    finished_scores = np.zeros((n, k))
+    finished_count = np.zeros(n, np.int64)
 
     for step in range(steps):
         if step:
             logits, state = step_decoder.step(image[owner], tokens, state)
         h, c = state
         step_log_probs = allowed_log_probs(logits, vocab, first_step=not prefix and step == 0)
-        forbid_repeated_ngrams(step_log_probs, captions, options.no_repeat_ngram_size)
+        if options.no_repeat_ngram_size:
+            forbid_repeated_ngrams(step_log_probs, captions, options.no_repeat_ngram_size)
         candidate_scores = scores[:, None] + step_log_probs
-        last_step = step == steps - 1
 
-        next_rows, next_tokens, next_scores, next_owner = [], [], [], []
-        for i in range(n):
-            if len(finished[i]) >= k:
-                continue
-            rows = np.flatnonzero(owner == i)
-            flat = candidate_scores[rows].ravel()
-            # 2k candidates: enough that k continue even if k others end here.
-            top = np.argpartition(-flat, min(2 * k, flat.size - 1))[: 2 * k]
-            live = 0
-            for index in top[np.argsort(-flat[top])]:
-                score = flat[index]
-                if not np.isfinite(score):
-                    break
-                row, token = rows[index // logits.shape[1]], int(index % logits.shape[1])
-                caption = captions[row] + (token,)
-                if token == vocab.end_id or last_step:
-                    if len(finished[i]) < k:
-                        finished[i].append(Hypothesis(caption, float(score)))
-                else:
-                    next_rows.append(row)
-                    next_tokens.append(token)
-                    next_scores.append(score)
-                    next_owner.append(i)
-                    live += 1
-                    if live == k:  # only endings that outrank the k-th live caption count
-                        break
-        if not next_rows:
+        # One row per image with live beams: its beams' candidates side by side (-inf where it has fewer beams).
+        beams = np.bincount(owner, minlength=n)
+        images = np.flatnonzero(beams)
+        beams = beams[images]
+        starts = np.cumsum(beams) - beams  # each image's first row
+        if len(owner) == len(images) * beams.max():  # every image has as many beams: a reshape
+            per_image = candidate_scores.reshape(len(images), -1)
+        else:
+            per_image = np.full((len(images), beams.max(), vocab_size), -np.inf)
+            beam = np.arange(len(owner)) - np.repeat(starts, beams)
+            per_image[np.repeat(np.arange(len(images)), beams), beam] = candidate_scores
+            per_image = per_image.reshape(len(images), -1)
+        # Its 2k best, best first: enough that k go on even if k others end here.
+        first_of_top = max(per_image.shape[1] - 2 * k, 0)
+        top = np.argpartition(per_image, first_of_top, axis=1)[:, first_of_top:]
+        image_row = np.arange(len(images))[:, None]
+        top = top[image_row, np.argsort(-per_image[image_row, top], axis=1, kind="stable")]
+        top_scores = per_image[image_row, top]
+        rows, tokens = starts[:, None] + top // vocab_size, top % vocab_size
+
+        # The walk down each row: stop at the first impossible candidate or once k captions go on.
+        possible = np.isfinite(top_scores)
+        ends = (tokens == end) | (step == steps - 1)  # at the budget every caption ends
+        goes_on = possible & ~ends
+        considered = possible & (np.cumsum(goes_on, axis=1) - goes_on < k)
+        ending = considered & ends
+        end_rank = np.cumsum(ending, axis=1)  # 1, 2, ... among the row's endings
+        ending &= end_rank <= (k - finished_count[images])[:, None]  # only while the finished list has room
+
+        i, j = np.nonzero(ending)
+        if i.size:
+            image_of, slot, row = images[i], finished_count[images[i]] + end_rank[i, j] - 1, rows[i, j]
+            length = captions.shape[1] + 1
+            finished_tokens[image_of, slot, : length - 1] = captions[row]
+            finished_tokens[image_of, slot, length - 1] = tokens[i, j]
+            finished_lengths[image_of, slot] = length
+            finished_scores[image_of, slot] = top_scores[i, j]
+            finished_count[images] += ending.sum(axis=1)
+
+        i, j = np.nonzero(considered & goes_on)
+        still_open = finished_count[images[i]] < k  # an image with k finished captions is done
+        i, j = i[still_open], j[still_open]
+        if not i.size:
             break
-        next_rows = np.array(next_rows)
-        captions = [captions[r] + (t,) for r, t in zip(next_rows, next_tokens)]
-        owner, tokens, scores = np.array(next_owner), np.array(next_tokens), np.array(next_scores)
-        state = (h[next_rows], c[next_rows])
+        row = rows[i, j]
+        tokens = tokens[i, j]
+        captions = np.concatenate([captions[row], tokens[:, None]], axis=1)
+        owner, scores, state = images[i], top_scores[i, j], (h[row], c[row])
 
     alpha = options.length_penalty
-    return [
-        sorted(hyps, key=lambda hyp: length_normalised(hyp.log_prob, len(hyp.tokens), alpha), reverse=True)[:k]
-        for hyps in finished
-    ]
+    results = []
+    for i in range(n):
+        hyps = [Hypothesis(tuple(finished_tokens[i, s, : finished_lengths[i, s]].tolist()), float(finished_scores[i, s]))
+                for s in range(finished_count[i])]
+        results.append(sorted(hyps, key=lambda hyp: length_normalised(hyp.log_prob, len(hyp.tokens), alpha), reverse=True))
+    return results

@@ -2,19 +2,22 @@
 
 An `EncoderSpec` builds the CNN up to its last feature map A (h x w x C); the
 encoder's output is the global average of A over its h x w positions, the
-caption model's image features. explain.py also uses A itself.
+caption model's image features. explain.py also uses A itself. backends.py runs the Keras model
+with OpenVINO or TensorFlow.
 """
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import keras
 import numpy as np
-import tensorflow as tf
 
+from . import efficientnet_lite
+from .backends import load_backend
 from .image import prepare_images
 
 # Images per encoder call: bounds memory. On a 2-core CPU, MobileNetV2 ran 20-40% faster per image in
@@ -56,6 +59,13 @@ ENCODERS: dict[str, EncoderSpec] = {
     "densenet201": EncoderSpec(
         keras_application(keras.applications.DenseNet201, (224, 224)), keras.applications.densenet.preprocess_input, (224, 224), 1920
     ),
+    # EfficientNet-Lite0/1/2 (efficientnet_lite.py): keras.applications has none, so their ImageNet weights are a
+    # file, converted by training/convert_encoder.py and carried by the weights folder (encoder.weights.h5).
+    **{
+        name: EncoderSpec(efficientnet_lite.encoder_builder(name), efficientnet_lite.preprocess_input,
+                          (scaling.resolution, scaling.resolution), efficientnet_lite.FEATURE_DIM)
+        for name, scaling in efficientnet_lite.VARIANTS.items()
+    },
 }
 
 
@@ -68,23 +78,14 @@ class ImageEncoder:
     leaves them random (tests, and the --random-encoder recipe).
     """
 
-    def __init__(self, name: str, weights: str | Path | None = "imagenet"):
+    def __init__(self, name: str, weights: str | Path | None = "imagenet", backend: str | None = None):
+        """backend: "openvino" or "tensorflow"; None: $CAPTIONER_BACKEND, else OpenVINO where it imports (backends.py)."""
         if name not in ENCODERS:
             raise ValueError(f"unknown encoder '{name}'; known: {', '.join(ENCODERS)}")
         self.name, self.spec = name, ENCODERS[name]
-        width, height = self.spec.input_size
-        self.feature_map_model = self.spec.build(weights)
+        self.feature_map_model = _build_reproducibly(self.spec, weights)
         self.feature_map_model.trainable = False
-        # One traced graph for every batch size: model.predict() costs ~20 ms of overhead per call,
-        # as much as MobileNetV2's whole forward pass on one image.
-        signature = [tf.TensorSpec((None, height, width, 3), tf.float32)]
-        self._pooled = tf.function(lambda pixels: tf.reduce_mean(self._maps(pixels), axis=(1, 2)), input_signature=signature)
-        self._pooled_and_maps = tf.function(
-            lambda pixels: (lambda maps: (tf.reduce_mean(maps, axis=(1, 2)), maps))(self._maps(pixels)), input_signature=signature
-        )
-
-    def _maps(self, pixels):
-        return self.feature_map_model(pixels, training=False)
+        self.backend = load_backend(self.feature_map_model, backend)
 
     @property
     def feature_dim(self) -> int:
@@ -105,8 +106,21 @@ class ImageEncoder:
 
     def encode_pixels(self, pixels: np.ndarray, feature_maps: bool = False):
         """(n, h, w, 3) resized RGB pixels 0..255 -> (n, C) features, or (features, (n, h', w', C) feature maps)."""
-        pixels = tf.constant(self.spec.preprocess_input(np.array(pixels, dtype=np.float32)))
-        if feature_maps:
-            pooled, maps = self._pooled_and_maps(pixels)
-            return pooled.numpy(), maps.numpy()
-        return self._pooled(pixels).numpy()
+        return self.backend(self.spec.preprocess_input(np.array(pixels, dtype=np.float32)), feature_maps)
+
+
+def _build_reproducibly(spec: EncoderSpec, weights: str | Path | None) -> keras.Model:
+    """spec.build(weights); random weights (weights=None) are the same in every process.
+
+    Keras seeds each initializer from Python's `random` when the layer is built: seeding it for the
+    build (and restoring its state afterwards) makes a random encoder's features reproducible, and lets
+    its compiled OpenVINO model be cached like a trained one's (backends.py).
+    """
+    if weights is not None:
+        return spec.build(weights)
+    state = random.getstate()
+    random.seed(0)
+    try:
+        return spec.build(None)
+    finally:
+        random.setstate(state)

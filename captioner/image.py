@@ -36,6 +36,17 @@ MAX_READS = 100_000
 # work of 40 scans of a MAX_PIXELS image, about 3 s; small images may have more scans.
 MAX_JPEG_SCAN_PIXELS = 40 * MAX_PIXELS
 JPEG_START_OF_SCAN = b"\xff\xda"  # in entropy-coded data a 0xFF byte is followed by 0x00 or a restart marker
+# Pillow inflates every iCCP (colour profile), zTXt and iTXt chunk of a PNG, up to 1 MiB each, but
+# doesn't bound how many there are: 2,000 iCCP chunks of 1 KB (2 MB) took 3 s, tens of thousands a
+# minute. The PNG spec allows one iCCP; photo tools write one profile and a few compressed text chunks
+# (EXIF, XMP, IPTC). Counted as their chunk names' occurrences in the file, an upper bound found at C speed.
+MAX_PNG_COMPRESSED_CHUNKS = 16
+PNG_COMPRESSED_CHUNK_NAMES = (b"iCCP", b"zTXt", b"iTXt")
+# Pillow joins a GIF comment's sub-blocks (255 bytes at most each) one by one, copying the text so
+# far every time: 20,000 sub-blocks (5 MB) took 9 s. Comments are a line of text; the total over all
+# comment blocks, and the number of blocks, are bounded before decoding.
+MAX_GIF_COMMENT_BYTES = 64 * 1024
+MAX_GIF_COMMENTS = 256
 # Large images are first shrunk by a cheap integer factor (JPEG DCT scaling while
 # decoding, box averaging before resizing), but never below this multiple of the
 # encoder's input size; the bilinear resize does the rest, so the result stays close
@@ -135,6 +146,7 @@ class _ReadLimitedBytes(io.BytesIO):
 
 def _open(data: bytes) -> Image.Image:
     """Identify the format and read the header; no pixels are decoded yet."""
+    _refuse_metadata_floods(data)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -154,6 +166,50 @@ def _open(data: bytes) -> Image.Image:
     if image.format in ("JPEG", "MPO") and data.count(JPEG_START_OF_SCAN) * image.width * image.height > MAX_JPEG_SCAN_PIXELS:
         raise InvalidImageError("This JPEG file is malformed (it has far too many progressive scans) and can't be read.")
     return image
+
+
+def _refuse_metadata_floods(data: bytes) -> None:
+    """Refuse PNG and GIF files whose metadata would make Pillow work for seconds (see the limits above)."""
+    if data.startswith(b"\x89PNG"):
+        if sum(data.count(name) for name in PNG_COMPRESSED_CHUNK_NAMES) > MAX_PNG_COMPRESSED_CHUNKS:
+            raise InvalidImageError("This PNG file is malformed (it has far too many compressed metadata chunks) and can't be read.")
+    elif data.startswith(b"GIF8"):
+        comments, comment_bytes = _gif_comment_sizes(data)
+        if comments > MAX_GIF_COMMENTS or comment_bytes > MAX_GIF_COMMENT_BYTES:
+            raise InvalidImageError("This GIF file is malformed (its comments are far too long) and can't be read.")
+
+
+def _gif_comment_sizes(data: bytes) -> tuple[int, int]:
+    """(comment blocks, comment bytes) in a GIF, found by walking its block structure.
+
+    Stops at the trailer, at anything that isn't a GIF block (Pillow then says the file is damaged) or
+    after MAX_READS sub-blocks (refused as a flood of parts, as Pillow's reads would be).
+    """
+    def colour_table_size(flags: int) -> int:
+        return 3 << ((flags & 7) + 1) if flags & 0x80 else 0
+
+    comments = comment_bytes = sub_blocks = 0
+    at = 13 + colour_table_size(data[10]) if len(data) > 10 else len(data)  # header, screen descriptor, palette
+    while at < len(data):
+        introducer = data[at]
+        if introducer == 0x21 and at + 1 < len(data):  # extension: label, then sub-blocks
+            is_comment = data[at + 1] == 0xFE
+            comments += is_comment
+            at += 2
+        elif introducer == 0x2C and at + 9 < len(data):  # image: descriptor, palette, LZW code size, sub-blocks
+            is_comment = False
+            at += 10 + colour_table_size(data[at + 9]) + 1
+        else:  # 0x3B, the trailer, or not a GIF block
+            break
+        while at < len(data) and data[at]:  # sub-blocks: a length byte, then that many bytes; 0 ends them
+            sub_blocks += 1
+            if sub_blocks > MAX_READS:
+                raise _too_many_parts()
+            if is_comment:
+                comment_bytes += data[at]
+            at += data[at] + 1
+        at += 1
+    return comments, comment_bytes
 
 
 def _decode(image: Image.Image, max_pixels: int, target_size: tuple[int, int] | None = None) -> Image.Image:
@@ -263,6 +319,14 @@ def resize_for_encoder(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
     if image.size != size:
         image = image.resize(size, Image.BILINEAR, reducing_gap=DOWNSCALE_GAP)
     return np.asarray(image, dtype=np.float32)
+
+
+def prepare_pixels(image: ImageInput, size: tuple[int, int]) -> np.ndarray:
+    """Decode and resize one image for the encoder: (h, w, 3) uint8, the values prepare_images gives as floats.
+
+    What a decode worker (sandbox.py) sends back; `Captioner.caption` takes the array as it is.
+    """
+    return resize_for_encoder(load_image(image, target_size=size), size).astype(np.uint8)
 
 
 def prepare_images(images, size: tuple[int, int]) -> np.ndarray:

@@ -14,6 +14,7 @@ import numpy as np
 
 from .decoding import DecodingOptions, Hypothesis, StepDecoder, decode, length_normalised, prefix_ids
 from .encoder import ENCODERS, ImageEncoder
+from .explain import Explanation, explain_image
 from .model import ModelConfig, build_caption_model
 from .vocabulary import Vocabulary
 from .weights import BUNDLED_WEIGHTS, WEIGHTS_FILE, WeightsError, WeightsFolder, download_from_hub, load_vocabulary, read_folder
@@ -83,7 +84,9 @@ class Captioner:
             model.load_weights(folder.path / WEIGHTS_FILE)
         except Exception as exc:  # shape mismatch, broken HDF5
             raise WeightsError(f"{folder.path / WEIGHTS_FILE} does not fit the model in config.json: {exc}") from None
-        return cls(model, vocab, config, None if folder.encoder_weights == "random" else "imagenet", folder)
+        # The encoder's weights: the folder's own encoder.weights.h5 if it has one, else keras.applications' ImageNet ones.
+        encoder_weights = None if folder.encoder_weights == "random" else folder.encoder_file or "imagenet"
+        return cls(model, vocab, config, encoder_weights, folder)
 
     @cached_property
     def encoder(self) -> ImageEncoder:
@@ -112,14 +115,12 @@ class Captioner:
             for hypotheses in decode(self.step_decoder, self.vocab, features, options, self.config.max_new_tokens)
         ]
 
-    def explain(self, image, caption: str | None = None, options: DecodingOptions | None = None, **overrides) -> "Explanation":
+    def explain(self, image, caption: str | None = None, options: DecodingOptions | None = None, **overrides) -> Explanation:
         """Each word of the caption with its probability and where in the image it came from (closed-form Grad-CAM).
 
         caption: the words to explain; None: caption the image first, with `options` and `overrides`.
         See captioner/explain.py.
         """
-        from .explain import explain_image
-
         return explain_image(self, image, caption, self.decoding_options(options, **overrides))
 
     def decoding_options(self, options: DecodingOptions | None = None, **overrides) -> DecodingOptions:

@@ -3,17 +3,21 @@
     config.json          model config, special tokens, sha256 of each file below
     vocab.json           the vocabulary (ids in order)
     decoder.weights.h5   the caption model's weights (Keras .weights.h5: arrays only, no code, no pickle)
+    encoder.weights.h5   optional: the image encoder's weights, for encoders keras.applications lacks
+                         (EfficientNet-Lite, converted by training/convert_encoder.py); checksummed too
     metrics.json         optional: test-split scores
     README.md, *.png     optional: model card and training plot
 
-The image encoder's ImageNet weights are not in the folder: Keras loads them
-from ~/.keras/models/ (downloading them there once if missing).
+Without encoder.weights.h5 (folders of keras.applications encoders), the encoder's
+ImageNet weights are not in the folder: Keras loads them from ~/.keras/models/
+(downloading them there once if missing).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,9 +27,11 @@ from .vocabulary import SPECIAL_TOKENS, Vocabulary
 CONFIG_FILE, VOCAB_FILE, WEIGHTS_FILE = "config.json", "vocab.json", "decoder.weights.h5"
 METRICS_FILE, METRICS_TABLE_FILE, CARD_FILE, HISTORY_FILE = "metrics.json", "metrics.md", "README.md", "history.json"
 CHECKSUMMED_FILES = (VOCAB_FILE, WEIGHTS_FILE)
+ENCODER_WEIGHTS_FILE = "encoder.weights.h5"  # optional; checksummed when present
 # Every file a weights folder holds: what training.push uploads and the app downloads from the Hub
 # (never training's work files or caption dumps).
-FOLDER_FILES = [CONFIG_FILE, VOCAB_FILE, WEIGHTS_FILE, METRICS_FILE, METRICS_TABLE_FILE, CARD_FILE, HISTORY_FILE, "*.png"]
+FOLDER_FILES = [CONFIG_FILE, VOCAB_FILE, WEIGHTS_FILE, ENCODER_WEIGHTS_FILE, METRICS_FILE, METRICS_TABLE_FILE, CARD_FILE,
+                HISTORY_FILE, "*.png"]
 # The repository's own weights/ folder: the bundled model, and where training writes by default.
 # `pip install .` puts a copy inside the package (see pyproject.toml).
 BUNDLED_WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
@@ -45,6 +51,7 @@ class WeightsFolder:
     encoder_weights: str  # "imagenet", or "random" (tests and --random-encoder recipes only)
     source: str  # where it came from, for the user: "bundled weights/", "hub user/repo@sha", a path
     revision: str | None = None
+    encoder_file: Path | None = None  # the folder's encoder.weights.h5, checked; None: keras.applications' weights
 
     @property
     def metrics(self) -> dict | None:
@@ -60,15 +67,27 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_config(folder: str | Path, config: ModelConfig, encoder_weights: str = "imagenet", **extra) -> Path:
-    """Write config.json for a folder that already holds vocab.json and decoder.weights.h5."""
+def write_config(folder: str | Path, config: ModelConfig, encoder_weights: str = "imagenet",
+                 encoder_file: str | Path | None = None, **extra) -> Path:
+    """Write config.json for a folder that already holds vocab.json and decoder.weights.h5.
+
+    encoder_file: the encoder's weights file, for encoders keras.applications lacks: copied into the
+    folder as encoder.weights.h5 and checksummed. Without it, a leftover encoder.weights.h5 of an
+    earlier run in the same folder is removed (it would belong to another model).
+    """
     folder = Path(folder)
+    target = folder / ENCODER_WEIGHTS_FILE
+    if encoder_file is None:
+        target.unlink(missing_ok=True)
+    elif Path(encoder_file).resolve() != target.resolve():
+        shutil.copyfile(encoder_file, target)
+    files = [*CHECKSUMMED_FILES, *([ENCODER_WEIGHTS_FILE] if encoder_file is not None else [])]
     content = {
         "format_version": FORMAT_VERSION,
         "model": config.to_dict(),
         "encoder_weights": encoder_weights,
         "special_tokens": list(SPECIAL_TOKENS),
-        "files": {name: sha256(folder / name) for name in CHECKSUMMED_FILES},
+        "files": {name: sha256(folder / name) for name in files},
         **extra,
     }
     path = folder / CONFIG_FILE
@@ -93,7 +112,11 @@ def read_folder(folder: str | Path, source: str | None = None, revision: str | N
         raise WeightsError(f"{config_path} is not a valid captioner config ({exc}).") from None
     if content.get("format_version", 1) > FORMAT_VERSION:
         raise WeightsError(f"{folder} was written by a newer version of this project; please update it.")
-    for name in CHECKSUMMED_FILES:
+    encoder_file = folder / ENCODER_WEIGHTS_FILE
+    if encoder_file.is_file() and ENCODER_WEIGHTS_FILE not in checksums:
+        raise WeightsError(f"{encoder_file} is not listed in {CONFIG_FILE}'s checksums, so it can't be trusted; "
+                           "copy or download the weights folder again.")
+    for name in [*CHECKSUMMED_FILES, *([ENCODER_WEIGHTS_FILE] if ENCODER_WEIGHTS_FILE in checksums else [])]:
         path = folder / name
         if not path.is_file():
             raise WeightsError(f"{folder} is incomplete: {name} is missing.")
@@ -102,7 +125,8 @@ def read_folder(folder: str | Path, source: str | None = None, revision: str | N
                 f"{path} does not match the checksum in {CONFIG_FILE}: the file is damaged, incomplete or was "
                 "changed after training. Download or copy the weights folder again."
             )
-    return WeightsFolder(folder, config, content.get("encoder_weights", "imagenet"), source or str(folder), revision)
+    return WeightsFolder(folder, config, content.get("encoder_weights", "imagenet"), source or str(folder), revision,
+                         encoder_file if ENCODER_WEIGHTS_FILE in checksums else None)
 
 
 def load_vocabulary(folder: WeightsFolder) -> Vocabulary:

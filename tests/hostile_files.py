@@ -110,6 +110,10 @@ def _corpus() -> dict[str, tuple[bytes, str]]:
         "chunk_flood.png": (_png(8, 8, _deflated_zeros(8 * 9), before_idat=_png_chunk(b"abCd", b"") * 1_000_000), ERROR),
         "marker_flood.jpg": (jpeg[:2] + b"\xff\xfe\x00\x02" * 4_000_000 + jpeg[2:], ERROR),  # 4M empty comments
         "subblock_flood.gif": (_gif_with_comment_blocks(gif, 8_000_000), ERROR),
+        # 2,000 colour profiles (2 MB), each inflating to 1 MiB: Pillow inflates every one, 3 s unchecked.
+        "iccp_flood.png": (_png(8, 8, _deflated_zeros(8 * 9), before_idat=_iccp_chunk(2**20 - 1) * 2000), ERROR),
+        # A 5 MB comment in 20,000 full sub-blocks, which Pillow joins one by one (quadratic): 9 s unchecked.
+        "comment_flood.gif": (_gif_with_comment_blocks(gif, 20_000, block_size=255), ERROR),
         # 4 million one-pixel RLE runs (8 MB), which Pillow decodes in Python: 3-7 s unchecked.
         "run_flood.bmp": (_rle8_bmp(7000, 5714, b"\x01\x80" * 4_000_000 + _rle8_skip_rows(5713)), ERROR),
         # 5000 copies of a progressive JPEG's last scan (330 KB): libjpeg redoes a pass over
@@ -269,11 +273,17 @@ def _repeat_last_scan(jpeg: bytes, copies: int) -> bytes:
     return jpeg[:end] + jpeg[last_scan:end] * copies + jpeg[end:]
 
 
-def _gif_with_comment_blocks(gif: bytes, count: int) -> bytes:
-    """Insert one comment extension made of `count` one-byte data sub-blocks before the image."""
+def _gif_with_comment_blocks(gif: bytes, count: int, block_size: int = 1) -> bytes:
+    """Insert one comment extension made of `count` data sub-blocks of `block_size` bytes before the image."""
     flags = gif[10]
     after_palette = 13 + (3 << ((flags & 7) + 1) if flags & 0x80 else 0)  # header, screen descriptor, global palette
-    return gif[:after_palette] + b"\x21\xfe" + b"\x01a" * count + b"\x00" + gif[after_palette:]
+    sub_block = bytes([block_size]) + b"a" * block_size
+    return gif[:after_palette] + b"\x21\xfe" + sub_block * count + b"\x00" + gif[after_palette:]
+
+
+def _iccp_chunk(profile_bytes: int) -> bytes:
+    """A PNG iCCP chunk whose (zero-filled) profile inflates to `profile_bytes`."""
+    return _png_chunk(b"iCCP", b"icc\x00\x00" + zlib.compress(bytes(profile_bytes), 9))
 
 
 def _tiff_with_strips(count: int) -> bytes:

@@ -44,3 +44,18 @@ def test_plain_output_and_clear_usage_errors(tiny_weights, example_images, tmp_p
 def test_the_prefix_starts_the_caption(tiny_weights, example_images):
     result = run_cli(example_images[0], "--weights", tiny_weights, "--prefix", "A dog", "--method", "greedy")
     assert result.returncode == 0 and result.stdout.startswith(f"{example_images[0]}: a dog")
+
+
+def test_explain_writes_each_words_heatmap(tiny_weights, example_images, tmp_path):
+    out = tmp_path / "explained"
+    result = run_cli(example_images[0], example_images[1], "--weights", tiny_weights, "--prefix", "a dog", "--explain", out, "--json")
+    assert result.returncode == 0, result.stderr
+    for line, image in zip(result.stdout.splitlines(), example_images[:2]):
+        shown = json.loads(line)
+        folder = out / image.stem
+        assert shown["explanation"] == str(folder) and shown["caption"].startswith("a dog")
+        written = json.loads((folder / "words.json").read_text())
+        assert [w["word"] for w in written["words"]] == [w["word"] for w in shown["words"]] == shown["caption"].split()
+        for number, word in enumerate(written["words"], start=1):
+            assert word["overlay"] == f"{number:02d}_{word['word']}.jpg" and (folder / word["overlay"]).stat().st_size > 1000
+            assert len(word["heatmap"]) == 7 and 0 < word["probability"] <= 1

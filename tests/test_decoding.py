@@ -143,10 +143,14 @@ def test_a_prefix_with_unknown_words_is_refused_by_name(parts):
 
 
 def test_no_repeat_ngram_size_forbids_exactly_the_repeating_tokens():
-    log_probs = np.zeros((2, 10))
-    forbid_repeated_ngrams(log_probs, [(4, 5, 6, 4, 5), (4, 5)], n=3)
+    log_probs = np.zeros((3, 10))
+    forbid_repeated_ngrams(log_probs, np.array([(4, 5, 6, 4, 5), (4, 5, 4, 5, 4), (1, 2, 3, 4, 5)]), n=3)
     assert np.flatnonzero(np.isneginf(log_probs[0])).tolist() == [6]  # "4 5 6" again
-    assert not np.isneginf(log_probs[1]).any()
+    assert np.flatnonzero(np.isneginf(log_probs[1])).tolist() == [5]  # "5 4 5" again
+    assert not np.isneginf(log_probs[2]).any()
+    short = np.zeros((1, 10))
+    forbid_repeated_ngrams(short, np.array([(4, 5)]), n=3)  # no earlier bigram to repeat yet
+    assert not np.isneginf(short).any()
 
 
 @pytest.mark.parametrize("options", [GREEDY, BEAM])

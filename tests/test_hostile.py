@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 from PIL import Image, PngImagePlugin
 
 from captioner import Caption, InvalidImageError, load_image
-from captioner.image import MAX_PIXELS, prepare_images
+from captioner.image import MAX_PIXELS, prepare_images, prepare_pixels
+from captioner.sandbox import DecodePool
 from tests.hostile_files import (
     BLUE,
     CAPTION,
@@ -77,6 +78,31 @@ def test_caption_from_bytes(tiny_captioner, name):
 @pytest.mark.parametrize("name", CORPUS)
 def test_caption_from_path(tiny_captioner, corpus_paths, name):
     assert caption_outcome(tiny_captioner, corpus_paths[name]) == CORPUS[name][1]
+
+
+@pytest.fixture(scope="module")
+def decode_pool():
+    with DecodePool() as pool:
+        yield pool.wait_ready()
+
+
+@pytest.mark.parametrize("name", CORPUS)
+def test_decode_workers_give_what_in_process_decoding_gives(decode_pool, name):
+    """The app's path (captioner/sandbox.py): the same pixels, or the same sentence, as the library in-process."""
+    data, expected = CORPUS[name]
+    outcomes = []
+    for prepare in (prepare_pixels, decode_pool.prepare_pixels):
+        try:
+            outcomes.append(prepare(data, ENCODER_SIZE))
+        except InvalidImageError as exc:
+            outcomes.append(str(exc))
+    in_process, in_worker = outcomes
+    if expected == CAPTION:
+        assert in_process.shape == (*ENCODER_SIZE[::-1], 3) and in_process.dtype == np.uint8
+        np.testing.assert_array_equal(in_worker, in_process)
+    else:
+        assert in_worker == in_process
+    assert decode_pool.replaced == 0  # no file in the corpus gets near the deadline or the memory limit
 
 
 # ---- what the decoded images look like ---------------------------------------------------
@@ -163,6 +189,8 @@ def test_extreme_sizes_decode_in_full():
         ("over_max_file_bytes.png", "larger than 20 MB"),
         ("chunk_flood.png", "far too many internal chunks"),
         ("scan_flood.jpg", "far too many progressive scans"),
+        ("iccp_flood.png", "far too many compressed metadata chunks"),
+        ("comment_flood.gif", "comments are far too long"),
     ],
 )
 def test_error_messages_say_what_is_wrong(name, words):

@@ -75,7 +75,8 @@ def smoke_run(tmp_path_factory) -> tuple[Path, Path]:
         pytest.skip(f"no Flickr8k data at {FLICKR8K}")
     root = tmp_path_factory.mktemp("smoke")
     work, out = root / "work", root / "weights"
-    run_pipeline(FLICKR8K, work, out, "--limit", str(SMOKE_LIMIT), "--epochs", "2", "--batch-size", "16")
+    run_pipeline(FLICKR8K, work, out, "--encoder", "mobilenet_v2", "--limit", str(SMOKE_LIMIT), "--epochs", "2",
+                 "--batch-size", "16", "--scst-epochs", "1")
     return work, out
 
 
@@ -111,7 +112,7 @@ def test_smoke_run_writes_every_steps_outputs(smoke_run):
         assert all(0.0 <= scores[name] <= 10.0 for name in COCO_METRICS)
     assert "| decoding |" in (out / "metrics.md").read_text()
     timings = json.loads((out / "timings.json").read_text())
-    assert list(timings["seconds"]) == ["prepare", "glove", "features", "train", "evaluate", "model_card"]
+    assert list(timings["seconds"]) == ["prepare", "glove", "features", "train", "self_critical", "evaluate", "model_card"]
 
 
 @needs_imagenet_mobilenet
@@ -147,12 +148,12 @@ def test_model_card_reports_the_smoke_runs_scores(smoke_run):
 def test_run_all_refuses_to_mix_runs_in_one_work_dir(smoke_run, tmp_path, capsys):
     work, _ = smoke_run
     dataset_before = (work / "dataset.json").read_bytes()
-    argv = ["--data", str(FLICKR8K), "--work-dir", str(work), "--out", str(tmp_path / "weights")]
+    argv = ["--data", str(FLICKR8K), "--work-dir", str(work), "--out", str(tmp_path / "weights"), "--encoder", "mobilenet_v2"]
     assert run_all.main([*argv, "--limit", "40"]) == 1
     assert "holds features of the first 80 images" in capsys.readouterr().err
     assert run_all.main([*argv, "--limit", str(SMOKE_LIMIT), "--random-encoder"]) == 1
     assert "ImageNet mobilenet_v2 weights, this run wants random" in capsys.readouterr().err
-    assert (work / "dataset.json").read_bytes() == dataset_before  # refused before any step ran
+    assert (work / "dataset.json").read_bytes() == dataset_before  # refused before anything was overwritten
     assert not (tmp_path / "weights").exists()
 
 
@@ -163,7 +164,7 @@ def test_run_all_refuses_to_mix_runs_in_one_work_dir(smoke_run, tmp_path, capsys
 def test_resnet50_recipe_with_a_random_encoder(tmp_path):
     work, out = tmp_path / "work", tmp_path / "weights"
     run_pipeline(FLICKR8K, work, out, "--encoder", "resnet50", "--random-encoder", "--limit", "10", "--epochs", "1",
-                 "--batch-size", "16", "--skip-eval")
+                 "--batch-size", "16", "--scst-epochs", "0", "--skip-eval")
     assert np.load(work / "features" / "resnet50" / "train.npy").shape == (10, 2048)
     folder = read_folder(out)
     assert (folder.config.encoder, folder.config.feature_dim, folder.encoder_weights) == ("resnet50", 2048, "random")
@@ -227,7 +228,8 @@ def write_shapes_dataset(folder: Path, seed: int = 0) -> dict[str, tuple[str, st
 def test_the_pipeline_learns_to_name_colour_and_shape(tmp_path):
     truth = write_shapes_dataset(tmp_path / "shapes")
     work, out = tmp_path / "work", tmp_path / "weights"
-    run_pipeline(tmp_path / "shapes", work, out, "--min-count", "0", "--epochs", "12", "--batch-size", "32", "--skip-eval")
+    run_pipeline(tmp_path / "shapes", work, out, "--encoder", "mobilenet_v2", "--min-count", "0", "--epochs", "12",
+                 "--batch-size", "32", "--scst-epochs", "0", "--skip-eval")
 
     held_out = [name for name in truth if name.startswith("test_")]
     captions = Captioner.from_pretrained(out).caption_batch([tmp_path / "shapes" / "images" / n for n in held_out])

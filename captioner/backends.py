@@ -1,0 +1,225 @@
+"""Encoder backends: the one Keras encoder (encoder.py) run by OpenVINO or by TensorFlow.
+
+Both take the Keras model that maps preprocessed pixels to the CNN's last feature map and
+give the pooled features (the map's global average), and the map itself when asked.
+
+- TensorFlow runs the Keras model as it is: the reference, and the fallback.
+- OpenVINO compiles that same Keras model at load time (converted in memory, nothing
+  exported by hand). On this project's 2-core CPU it encodes an image several times
+  faster than TensorFlow (benchmarks/speed.py). Converting costs a few seconds, so the
+  converted model and OpenVINO's compiled blob are cached on disk, keyed by the model's
+  architecture and weights: a restart loads them in a fraction of a second.
+
+`CAPTIONER_BACKEND=openvino|tensorflow` chooses; the default is OpenVINO where it imports.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import keras
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+BACKEND_VARIABLE = "CAPTIONER_BACKEND"
+BACKENDS = ("openvino", "tensorflow")
+CACHE_VARIABLE = "CAPTIONER_CACHE"  # where the OpenVINO cache lives; default ~/.cache/captioner
+# Part of the cache key: bump it when the way models are converted changes.
+CACHE_FORMAT = 1
+# OpenVINO's default precision on a CPU with AVX512_BF16 (this project's has it) is bf16,
+# which moves MobileNetV2's features far from TensorFlow's (cosine 0.979): f32 keeps them
+# within 1e-4 (tests/test_backends.py), and the captions identical.
+OPENVINO_CONFIG = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
+
+
+class EncoderBackend:
+    """Preprocessed pixels (n, h, w, 3) float32 -> pooled (n, C), or (pooled, maps (n, h', w', C))."""
+
+    name: str
+
+    def __call__(self, pixels: np.ndarray, feature_maps: bool = False):
+        raise NotImplementedError
+
+
+def backend_name(requested: str | None = None) -> str:
+    """The backend to use: `requested`, else $CAPTIONER_BACKEND, else OpenVINO where it imports."""
+    name = (requested or os.environ.get(BACKEND_VARIABLE, "")).strip().lower()
+    if not name:
+        return "openvino" if _openvino_available() else "tensorflow"
+    if name not in BACKENDS:
+        raise ValueError(f"{BACKEND_VARIABLE} must be 'openvino' or 'tensorflow', not {name!r}.")
+    return name
+
+
+def load_backend(feature_map_model: keras.Model, name: str | None = None) -> EncoderBackend:
+    """Run `feature_map_model` with the chosen backend; OpenVINO falls back to TensorFlow if it can't compile it."""
+    name = backend_name(name)
+    if name == "openvino":
+        try:
+            return OpenVINOBackend(feature_map_model)
+        except ImportError as exc:
+            log.warning("OpenVINO isn't installed (%s); the encoder runs on TensorFlow.", exc)
+        except Exception as exc:  # an operation OpenVINO can't convert: TensorFlow runs every Keras model
+            log.warning("OpenVINO couldn't compile the %s encoder (%s); it runs on TensorFlow.", feature_map_model.name, exc)
+    return TensorFlowBackend(feature_map_model)
+
+
+def _with_pooling(feature_map_model: keras.Model) -> keras.Model:
+    """pixels -> (pooled, maps): the same graph for both backends, pooling included."""
+    maps = feature_map_model.output
+    pooled = keras.layers.GlobalAveragePooling2D(name="feature_pooling")(maps)
+    return keras.Model(feature_map_model.inputs, [pooled, maps], name=f"{feature_map_model.name}_pooled")
+
+
+class TensorFlowBackend(EncoderBackend):
+    name = "tensorflow"
+
+    def __init__(self, feature_map_model: keras.Model):
+        import tensorflow as tf
+
+        model = _with_pooling(feature_map_model)
+        signature = [tf.TensorSpec((None, *model.input_shape[1:]), tf.float32)]
+        # Traced graphs for any batch size: model.predict() costs ~20 ms of overhead per call,
+        # as much as MobileNetV2's whole forward pass on one image. Each is traced on first use.
+        self._pooled = tf.function(lambda pixels: model(pixels, training=False)[0], input_signature=signature)
+        self._both = tf.function(lambda pixels: tuple(model(pixels, training=False)), input_signature=signature)
+        self._tf = tf
+
+    def __call__(self, pixels: np.ndarray, feature_maps: bool = False):
+        pixels = self._tf.constant(np.asarray(pixels, np.float32))
+        if not feature_maps:
+            return self._pooled(pixels).numpy()
+        pooled, maps = self._both(pixels)
+        return pooled.numpy(), maps.numpy()
+
+
+class OpenVINOBackend(EncoderBackend):
+    name = "openvino"
+
+    def __init__(self, feature_map_model: keras.Model, cache_dir: str | os.PathLike | None = None):
+        import openvino as ov
+
+        self.core = _core()
+        model = _with_pooling(feature_map_model)
+        cache = Path(cache_dir) if cache_dir else default_cache_dir()
+        key = model_fingerprint(model, ov.__version__)
+        self.cache_hit = False
+        folder, config = cache / "openvino" / key, {**OPENVINO_CONFIG, "CACHE_DIR": str(cache / "openvino" / "compiled")}
+        try:
+            try:
+                self.compiled = self.core.compile_model(str(self._cached_ir(model, folder, ov)), "CPU", config)
+            except RuntimeError:
+                if not self.cache_hit:
+                    raise
+                log.warning("The cached OpenVINO model in %s is damaged; converting again.", folder)
+                shutil.rmtree(folder, ignore_errors=True)
+                self.cache_hit = False
+                self.compiled = self.core.compile_model(str(self._cached_ir(model, folder, ov)), "CPU", config)
+        except OSError as exc:  # a read-only or full disk: compile without the cache, at the usual cost
+            log.warning("The OpenVINO cache at %s can't be used (%s); compiling without it.", cache, exc)
+            self.compiled = self.core.compile_model(_convert(model), "CPU", OPENVINO_CONFIG)
+        # Which output is which: the pooled features have rank 2, the maps rank 4.
+        ranks = [len(output.get_partial_shape()) for output in self.compiled.outputs]
+        self._pooled_index, self._maps_index = ranks.index(2), ranks.index(4)
+        self._requests = threading.local()  # an infer request serves one call at a time: one per thread
+
+    def _cached_ir(self, model: keras.Model, folder: Path, ov) -> Path:
+        """The converted model (OpenVINO IR) for `model`, converting it only if no earlier process did."""
+        xml = folder / "encoder.xml"
+        if xml.is_file() and (folder / "encoder.bin").is_file():
+            self.cache_hit = True
+            return xml
+        log.info("Converting the %s encoder to OpenVINO (once; cached in %s).", model.name, folder)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+        try:
+            # f32 weights as trained (the default would store them as f16).
+            ov.save_model(_convert(model), str(staging / "encoder.xml"), compress_to_fp16=False)
+            try:
+                staging.rename(folder)  # atomic: another process either sees the whole folder or none
+            except OSError:
+                if not xml.is_file():  # not "another process got there first"
+                    raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return xml
+
+    def __call__(self, pixels: np.ndarray, feature_maps: bool = False):
+        request = getattr(self._requests, "request", None)
+        if request is None:
+            request = self._requests.request = self.compiled.create_infer_request()
+        outputs = request.infer([np.ascontiguousarray(pixels, dtype=np.float32)])  # copies out of the request's buffers
+        pooled = outputs[self.compiled.outputs[self._pooled_index]]
+        if not feature_maps:
+            return pooled
+        return pooled, outputs[self.compiled.outputs[self._maps_index]]
+
+
+def _convert(model: keras.Model):
+    import openvino as ov
+
+    with warnings.catch_warnings():  # Keras notes that OpenVINO's tracer passes the input as a tuple: harmless
+        warnings.simplefilter("ignore", UserWarning)
+        return ov.convert_model(model)
+
+
+def default_cache_dir() -> Path:
+    if os.environ.get(CACHE_VARIABLE):
+        return Path(os.environ[CACHE_VARIABLE])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "captioner"
+
+
+def model_fingerprint(model: keras.Model, *versions: str) -> str:
+    """A key for a Keras model's computation: its layers' types and settings, its input shape and weights.
+
+    Layer names are left out (Keras numbers them by creation order, so the same model built twice gets
+    different names); the weights tell trained models apart. About 0.15 s for MobileNetV2.
+    """
+    digest = hashlib.sha256(json.dumps([CACHE_FORMAT, keras.__version__, *versions, list(model.input_shape)]).encode())
+    for layer in _leaf_layers(model):
+        config = {k: v for k, v in layer.get_config().items() if k != "name"}
+        digest.update(json.dumps([type(layer).__name__, config], sort_keys=True, default=str).encode())
+    for value in map(np.ascontiguousarray, model.get_weights()):
+        digest.update(f"{value.dtype}{value.shape}".encode())
+        digest.update(value.data)
+    return digest.hexdigest()[:32]
+
+
+def _leaf_layers(model: keras.Model):
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            yield from _leaf_layers(layer)
+        else:
+            yield layer
+
+
+_core_lock = threading.Lock()
+_openvino_core = None
+
+
+def _core():
+    """One OpenVINO runtime per process."""
+    global _openvino_core
+    with _core_lock:
+        if _openvino_core is None:
+            import openvino as ov
+
+            _openvino_core = ov.Core()
+        return _openvino_core
+
+
+def _openvino_available() -> bool:
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return False
+    return True

@@ -1,0 +1,636 @@
+"""What the public app does with a request before the model sees it: the checks between Gradio and captioning.
+
+Everything a request carries is hostile until checked: its size, its pace, its shape, every path and
+string in it. Two layers, both here so that app.py stays UI only:
+
+* `RequestLimits`, an ASGI middleware in front of Gradio, bounds what reaches Gradio at all. Some of
+  Gradio's own work happens before the app's function runs (it copies or downloads the files a payload
+  names, validates file objects, keeps each session's inputs in memory), so the limits must apply
+  before it: a body size per route, a minimum upload rate, a bound on files per upload, and for event
+  calls a parsed, checked payload (short strings; files only from the upload cache; data: URLs turned
+  into uploaded files; a short argument list filled with None; every refusal a sentence).
+* `RequestImages`, used by the caption function: a request's image -> prepared pixels. Only a regular
+  file inside Gradio's upload cache (symlinks followed) is read, or an example the server lists,
+  chosen by index; anything else gets one message that tells nothing about the server's files. The
+  file is decoded by a `sandbox.DecodePool` worker, never in the server.
+
+`launch_options()`, `BLOCKS_OPTIONS` and `QUEUE_OPTIONS` are the Gradio settings that go with them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import stat
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .image import MAX_FILE_BYTES
+from .sandbox import DecodePool, DecoderBusyError
+
+log = logging.getLogger(__name__)
+
+# ---- limits ---------------------------------------------------------------------------------------
+
+# A data: URL image may be as large as an uploaded file, no larger (base64 adds a third).
+MAX_DATA_URL_CHARS = 4 * math.ceil(MAX_FILE_BYTES / 3) + 256
+# Request bodies. An event call is JSON: a few settings and file references, or one data: URL image.
+MAX_EVENT_BODY_BYTES = MAX_DATA_URL_CHARS + 64 * 1024
+# One upload request: the page's "Many photos" view sends all its photos at once (app.MAX_BATCH_FILES, 50),
+# phone photos of up to about 5 MB each. Gradio writes uploads to disk as they arrive, not to memory.
+MAX_FILES_PER_UPLOAD = 50
+MAX_UPLOAD_BODY_BYTES = 256 * 2**20
+# Any other request (Gradio's small JSON routes: cancel, reset, component server, login, ...).
+MAX_OTHER_BODY_BYTES = 64 * 1024
+# Event bodies are read whole into memory to be checked: at most this much at once (four data: URL images;
+# parsing takes two or three times as much for a moment). Beyond it a request is refused as busy (503).
+MAX_BUFFERED_EVENT_BYTES = 4 * MAX_EVENT_BODY_BYTES
+# A body must arrive at MIN_BODY_RATE bytes/s on average once BODY_GRACE_S have passed, or the request
+# ends with 408: a 20 MB photo may take 10 minutes at that pace, while a client sending a byte every few
+# seconds is answered after BODY_GRACE_S (within the 5 s any request gets an answer in).
+MIN_BODY_RATE = 32 * 1024
+BODY_GRACE_S = 4.0
+# In an event payload: the longest string (other than a data: URL image), the most JSON values (counted
+# as commas and brackets, before parsing) and the deepest nesting. The app's settings are a few short
+# strings and numbers; a caption's start (prefix) is at most a few dozen words.
+MAX_TEXT_CHARS = 4096
+MAX_JSON_VALUES = 10_000
+MAX_JSON_DEPTH = 32
+# What goes into the log of a request's value, and what an error message shown to a user may be.
+MAX_LOGGED_CHARS = 200
+MAX_MESSAGE_CHARS = 400
+# Gradio keeps every session's component values (inputs included) in memory, by default for the last
+# 10,000 sessions; with short strings and file references a session costs tens of KB.
+SESSION_CAPACITY = 1000
+# Uploads (and data: URL images stored as uploads) are deleted an hour after they arrive, checked every 10 minutes.
+DELETE_CACHE = (600, 3600)
+
+BLOCKS_OPTIONS = {"delete_cache": DELETE_CACHE}
+# api_open=False: the REST routes (/gradio_api/run/...) can't run a queued event outside the queue and its
+# concurrency limit (Gradio opens them by default outside Hugging Face Spaces).
+QUEUE_OPTIONS = {"api_open": False}
+
+# ---- messages -----------------------------------------------------------------------------------
+
+NO_IMAGE = "Please upload an image first (or pick one of the examples)."
+NOT_UPLOADED = (
+    "This request names a file that wasn't uploaded to this app. Upload the image first "
+    "(POST /gradio_api/upload, or handle_file() in gradio_client) and send the path it returns."
+)
+NOT_A_FILE = "The image must be an uploaded file: a file object with the path /gradio_api/upload returned, or a data: URL."
+BAD_DATA_URL = "The image data sent is not a valid base64 data: URL."
+DATA_URL_TOO_BIG = f"The image sent as a data: URL is larger than {MAX_FILE_BYTES // 2**20} MB."
+FILE_TOO_BIG = f"The file is larger than {MAX_FILE_BYTES // 2**20} MB."
+NOT_AN_EXAMPLE = "Please pick one of the examples shown on the page."
+BODY_TOO_LARGE = "This request is too large: at most {limit} are accepted here."
+BODY_TOO_SLOW = f"The request arrived too slowly (under {MIN_BODY_RATE // 1024} KB/s); please try again."
+TOO_MANY_FILES = f"Too many files in one upload: at most {MAX_FILES_PER_UPLOAD} are accepted."
+NOT_JSON = "The request body must be a JSON object."
+TOO_MANY_VALUES = f"The request has too many values (at most {MAX_JSON_VALUES:,}) or is nested too deeply."
+TEXT_TOO_LONG = f"A text value in the request is longer than {MAX_TEXT_CHARS:,} characters."
+BAD_FILE_OBJECT = "A file in the request must be an object with the path /gradio_api/upload returned."
+NO_DATA = "The request needs a \"data\" list with the endpoint's inputs (see /gradio_api/info)."
+UNKNOWN_EVENT = "There is no such endpoint; /gradio_api/info lists them."
+BUSY = "The server is busy receiving other requests. Please try again in a moment."
+BAD_REQUEST_SHAPE = "The request doesn't match this endpoint's inputs; /gradio_api/info describes them."
+
+
+class RequestError(ValueError):
+    """A request the app can't serve; the message is for the user."""
+
+
+# ---- text for logs and users --------------------------------------------------------------------
+
+
+def for_log(value, limit: int = MAX_LOGGED_CHARS) -> str:
+    """A request's value (or an error about one) for the log: one line, control characters escaped, truncated."""
+    text = value if isinstance(value, str) else str(value)
+    shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text[:limit])
+    return shown if len(text) <= limit else f"{shown}... ({len(text):,} characters)"
+
+
+def user_message(error: BaseException | str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """An error's message as shown to a user: one line of printable characters, at most `limit` of them."""
+    text = "".join(c for c in " ".join(str(error).split()) if c.isprintable())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# ---- a request's image --------------------------------------------------------------------------
+
+
+def upload_folder() -> Path:
+    """Gradio's upload cache ($GRADIO_TEMP_DIR, else <tmp>/gradio), symlinks resolved."""
+    from gradio.utils import get_upload_folder
+
+    return Path(os.path.realpath(get_upload_folder()))
+
+
+def uploaded_file_bytes(payload, upload_dir: str | os.PathLike | None = None) -> bytes:
+    """The image a request sent -> its bytes, read only from Gradio's upload cache (or a data: URL).
+
+    `payload` is what Gradio passes with preprocess=False: a file object {"path": ..., ...}, a path
+    string, a data: URL, or None. Raises RequestError with a sentence otherwise.
+    """
+    if payload is None or payload == "":
+        raise RequestError(NO_IMAGE)
+    if isinstance(payload, str):
+        path, url = (None, payload) if payload.startswith("data:") else (payload, None)
+    elif isinstance(payload, dict):
+        path, url = payload.get("path"), payload.get("url")
+    else:
+        raise RequestError(NOT_A_FILE)
+    if path is None and isinstance(url, str) and url.startswith("data:"):
+        return decode_data_url(url)
+    if path is None and url is None:
+        raise RequestError(NO_IMAGE)
+    return read_upload(path, upload_dir)
+
+
+def resolve_upload(path, upload_dir: str | os.PathLike | None = None) -> str:
+    """`path` -> its real path, if that is a regular file inside the upload cache; else RequestError(NOT_UPLOADED).
+
+    Every failure gets the same message (missing, a directory, a device, a symlink out of the cache,
+    a URL, not a string), so that answers tell nothing about what exists on the server.
+    """
+    if not isinstance(path, str) or not path or "\0" in path or len(path) > MAX_TEXT_CHARS:
+        raise RequestError(NOT_UPLOADED)
+    folder = Path(os.path.realpath(upload_dir)) if upload_dir is not None else upload_folder()
+    real = os.path.realpath(path)
+    try:
+        inside = Path(real).relative_to(folder) != Path(".")
+        regular = stat.S_ISREG(os.stat(real).st_mode)
+    except (ValueError, OSError):
+        inside = regular = False
+    if not (inside and regular):
+        raise RequestError(NOT_UPLOADED)
+    return real
+
+
+def read_upload(path, upload_dir: str | os.PathLike | None = None) -> bytes:
+    """The bytes of an uploaded file (see resolve_upload), at most MAX_FILE_BYTES."""
+    real = resolve_upload(path, upload_dir)
+    try:
+        # O_NOFOLLOW and O_NONBLOCK: nothing swapped in since resolving can make this follow a link or block
+        # (a FIFO); fstat checks what was really opened.
+        fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        raise RequestError(NOT_UPLOADED) from None
+    with os.fdopen(fd, "rb") as file:
+        info = os.fstat(file.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise RequestError(NOT_UPLOADED)
+        if info.st_size > MAX_FILE_BYTES:
+            raise RequestError(FILE_TOO_BIG)
+        data = file.read(MAX_FILE_BYTES + 1)
+    if len(data) > MAX_FILE_BYTES:
+        raise RequestError(FILE_TOO_BIG)
+    return data
+
+
+def decode_data_url(url: str) -> bytes:
+    """A base64 data: URL -> its bytes, at most MAX_FILE_BYTES."""
+    if len(url) > MAX_DATA_URL_CHARS:
+        raise RequestError(DATA_URL_TOO_BIG)
+    header, comma, encoded = url.partition(",")
+    if not comma or not header.endswith(";base64"):
+        raise RequestError(BAD_DATA_URL)
+    try:
+        data = base64.b64decode(encoded, validate=True)
+    except (binascii.Error, ValueError):
+        raise RequestError(BAD_DATA_URL) from None
+    if len(data) > MAX_FILE_BYTES:
+        raise RequestError(DATA_URL_TOO_BIG)
+    return data
+
+
+def example_index(index, count: int) -> int:
+    """An example gallery click's index, checked: a whole number that picks one of the `count` examples."""
+    if type(index) is not int or not 0 <= index < count:
+        raise RequestError(NOT_AN_EXAMPLE)
+    return index
+
+
+class RequestImages:
+    """A request's image -> the encoder's pixels: the checks above, then a decode worker (sandbox.py).
+
+        images = RequestImages(captioner.encoder.input_size, examples)   # starts a DecodePool
+        pixels = images.upload(payload)      # (h, w, 3) uint8, or RequestError / InvalidImageError
+        pixels = images.example(index)       # a gallery click: the server's own file images.examples[index]
+    """
+
+    def __init__(self, input_size: tuple[int, int], examples: Sequence[str | os.PathLike] = (),
+                 pool: DecodePool | None = None, upload_dir: str | os.PathLike | None = None):
+        self.input_size = tuple(input_size)
+        self.examples = [str(path) for path in examples]
+        self.pool = pool or DecodePool().wait_ready()  # started now, so that the first request doesn't wait
+        self.upload_dir = upload_dir
+
+    def upload(self, payload) -> np.ndarray:
+        return self._pixels(uploaded_file_bytes(payload, self.upload_dir))
+
+    def example(self, index) -> np.ndarray:
+        return self._pixels(Path(self.examples[example_index(index, len(self.examples))]).read_bytes())
+
+    def _pixels(self, data: bytes) -> np.ndarray:
+        try:
+            return self.pool.prepare_pixels(data, self.input_size)
+        except DecoderBusyError as busy:
+            raise RequestError(str(busy)) from None
+
+
+# ---- Gradio settings ------------------------------------------------------------------------------
+
+
+def launch_options(blocks) -> dict:
+    """Keyword arguments for `blocks.launch()` that go with RequestLimits (besides max_file_size=MAX_FILE_BYTES)."""
+    from starlette.middleware import Middleware
+
+    return {
+        "app_kwargs": {"middleware": [Middleware(RequestLimits, blocks=blocks)]},
+        "state_session_capacity": SESSION_CAPACITY,
+        # Everything through this process and its middleware: no Node front-end server, no static workers.
+        "ssr_mode": False,
+        "num_workers": 0,
+        # No server-side routes the app doesn't use: run history's connects to Hugging Face buckets with
+        # tokens and bucket names sent by the client (the server would make Hub calls for anyone), the MCP server.
+        "run_history": False,
+        "mcp_server": False,
+    }
+
+
+# ---- the middleware -------------------------------------------------------------------------------
+
+_UPLOAD_ROUTE = re.compile(r"/gradio_api/upload/?$")
+# Routes that run an event: by fn_index (queue/join, run/predict from the page) or by api_name.
+_EVENT_ROUTE = re.compile(r"/gradio_api/(?:queue/join|call/v2/(?P<v2>[^/]+)|(?:call|run|api)/(?P<name>[^/]+))/?$")
+
+
+class _Refusal(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+class RequestLimits:
+    """ASGI middleware: every request's body bounded in size and pace, event payloads checked (see the module doc).
+
+    Refusals are answered as JSON {"detail": sentence} with status 400, 404, 408, 413 or 503, and close the connection.
+    """
+
+    def __init__(self, app, blocks=None, upload_dir: str | os.PathLike | None = None):
+        self.app, self.blocks, self._upload_dir = app, blocks, upload_dir
+        self._named_parameters: dict[str, list[str]] | None = None
+        self.buffered = 0  # bytes of event bodies being read and checked now (MAX_BUFFERED_EVENT_BYTES)
+
+    @property
+    def upload_dir(self) -> Path:
+        return Path(os.path.realpath(self._upload_dir)) if self._upload_dir is not None else upload_folder()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path, method = scope.get("path", ""), scope.get("method", "GET")
+        event = _EVENT_ROUTE.search(path) if method == "POST" else None
+        upload = method == "POST" and _UPLOAD_ROUTE.search(path) is not None
+        limit = MAX_EVENT_BODY_BYTES if event else MAX_UPLOAD_BODY_BYTES if upload else MAX_OTHER_BODY_BYTES
+        body = _Body(receive, limit)
+        responder = _Responder(send, body)
+        try:
+            declared = _content_length(scope)
+            if declared is not None and declared > limit:
+                raise _Refusal(413, BODY_TOO_LARGE.format(limit=_size(limit)))
+            if event:
+                payload = await self._read_event(body, limit if declared is None else declared, event)
+                scope = _with_content_length(scope, len(payload))
+                await self.app(scope, _replay(payload, receive), responder.send)
+            elif upload:
+                body.count_parts(_boundary(scope))
+                await self.app(scope, body.receive_for_upload, responder.send)
+            else:
+                await self.app(scope, body.receive, responder.send)
+        except _Refusal as refusal:
+            log.info("Refused %s %s (%d): %s", method, for_log(path, 100), refusal.status, refusal.message)
+            await responder.refuse(refusal)
+
+    # ---- event payloads ----
+
+    async def _read_event(self, body: "_Body", size: int, route: re.Match) -> bytes:
+        if self.buffered + size > MAX_BUFFERED_EVENT_BYTES:
+            raise _Refusal(503, BUSY)
+        self.buffered += size
+        try:
+            return await self._checked_event(await body.read_all(), route)
+        finally:
+            self.buffered -= size
+
+    async def _checked_event(self, body: bytes, route: re.Match) -> bytes:
+        if body.count(b",") + body.count(b"[") + body.count(b"{") > MAX_JSON_VALUES:
+            raise _Refusal(413, TOO_MANY_VALUES)
+        try:
+            payload = json.loads(body)
+        except (ValueError, RecursionError):
+            raise _Refusal(400, NOT_JSON) from None
+        if not isinstance(payload, dict):
+            raise _Refusal(400, NOT_JSON)
+        inline_images = []
+        self._check_values(payload, 0, inline_images)
+        if route["v2"]:
+            self._check_named_call(payload, route["v2"])
+        else:
+            fn = self._event_function(payload, route["name"])
+            self._check_data(payload, fn)
+        for file in inline_images:
+            await self._store_inline_image(file)
+        return json.dumps(payload).encode()
+
+    def _check_values(self, value, depth: int, inline_images: list, key: str | None = None) -> None:
+        """Strings short, nesting shallow, file objects naming uploads; data: URL images collected for storing."""
+        if depth > MAX_JSON_DEPTH:
+            raise _Refusal(413, TOO_MANY_VALUES)
+        if isinstance(value, str):
+            if len(value) > MAX_TEXT_CHARS and not (key == "url" and value.startswith("data:")):
+                raise _Refusal(413, TEXT_TOO_LONG)
+        elif isinstance(value, list):
+            for item in value:
+                self._check_values(item, depth + 1, inline_images)
+        elif isinstance(value, dict):
+            if _is_file_object(value):
+                self._check_file_object(value, inline_images)
+            for name, item in value.items():
+                self._check_values(item, depth + 1, inline_images, key=name)
+
+    def _check_file_object(self, file: dict, inline_images: list) -> None:
+        path, url = file.get("path"), file.get("url")
+        if path is None and isinstance(url, str) and url.startswith("data:"):
+            if len(url) > MAX_DATA_URL_CHARS:
+                raise _Refusal(413, DATA_URL_TOO_BIG)
+            inline_images.append(file)
+        elif path is None:
+            if "meta" in file:  # Gradio would fail on it before the app's function could say why
+                raise _Refusal(400, BAD_FILE_OBJECT)
+        else:
+            try:
+                resolve_upload(path, self.upload_dir)
+            except RequestError as exc:
+                raise _Refusal(400, str(exc)) from None
+
+    async def _store_inline_image(self, file: dict) -> None:
+        """Turn a data: URL image into an uploaded file, so that Gradio keeps a path in its session state, not megabytes."""
+        try:
+            data = decode_data_url(file["url"])
+        except RequestError as exc:
+            raise _Refusal(400, str(exc)) from None
+        path = await asyncio.to_thread(self._write_upload, data)
+        file.clear()
+        file.update({"path": path, "orig_name": "inline-image", "size": len(data), "meta": {"_type": "gradio.FileData"}})
+
+    def _write_upload(self, data: bytes) -> str:
+        folder = self.upload_dir / hashlib.sha256(data).hexdigest()
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / "inline-image"
+        path.write_bytes(data)
+        if self.blocks is not None:  # deleted with the other uploads (DELETE_CACHE)
+            self.blocks.upload_file_set.add(str(path))
+        return str(path)
+
+    def _event_function(self, payload: dict, api_name: str | None):
+        """The event a call runs, found as Gradio finds it; only documented endpoints may be called by name."""
+        fns = getattr(self.blocks, "fns", None)
+        if fns is None:
+            return None
+        fn_index = payload.get("fn_index")
+        if fn_index is not None:
+            if type(fn_index) is not int or fn_index not in fns:
+                raise _Refusal(404, UNKNOWN_EVENT)
+            return fns[fn_index]
+        if api_name is None:  # queue/join without an fn_index
+            raise _Refusal(400, UNKNOWN_EVENT)
+        for fn in fns.values():
+            if fn.api_name == api_name and fn.api_visibility == "public":
+                return fn
+        raise _Refusal(404, UNKNOWN_EVENT)
+
+    def _check_data(self, payload: dict, fn) -> None:
+        data = payload.get("data")
+        if not isinstance(data, list):
+            raise _Refusal(400, NO_DATA)
+        if not isinstance(payload.get("session_hash", ""), (str, type(None))):
+            raise _Refusal(400, BAD_REQUEST_SHAPE)
+        if fn is None:
+            return
+        # Gradio fails a call with fewer values than inputs before the function runs: the missing ones are
+        # None, which the app's functions read as "the default". Extra values would be ignored; they go.
+        inputs = fn.inputs
+        data[:] = (data + [None] * len(inputs))[: len(inputs)]
+        for block, value in zip(inputs, data):
+            self._check_input(block, value)
+        for event_data_class in _event_data_parameters(fn):  # e.g. gr.SelectData: Gradio builds it before the function runs
+            try:
+                event_data_class(None, payload.get("event_data"))
+            except Exception:
+                raise _Refusal(400, BAD_REQUEST_SHAPE) from None
+
+    def _check_named_call(self, payload: dict, api_name: str) -> None:
+        """/call/v2/NAME takes the inputs by parameter name; Gradio fills the defaults."""
+        parameters = self._parameters(api_name)
+        if parameters is None:
+            raise _Refusal(404, UNKNOWN_EVENT)
+        names, blocks = zip(*parameters) if parameters else ((), ())
+        unknown = set(payload) - set(names) - {"oauth_token"}
+        if unknown:
+            raise _Refusal(400, BAD_REQUEST_SHAPE)
+        for name, block in parameters:
+            self._check_input(block, payload.get(name))
+
+    def _parameters(self, api_name: str) -> list[tuple[str, object]] | None:
+        fn = next((fn for fn in getattr(self.blocks, "fns", {}).values()
+                   if fn.api_name == api_name and fn.api_visibility == "public"), None)
+        if fn is None:
+            return None
+        if self._named_parameters is None:
+            self._named_parameters = {}
+        if api_name not in self._named_parameters:
+            info = self.blocks.get_api_info()["named_endpoints"].get("/" + api_name, {})
+            self._named_parameters[api_name] = [p["parameter_name"] for p in info.get("parameters", [])]
+        inputs = [block for block in fn.inputs if not getattr(block, "skip_api", False)]
+        return list(zip(self._named_parameters[api_name], inputs))
+
+    @staticmethod
+    def _check_input(block, value) -> None:
+        """A file input's value as Gradio will validate it before the function runs (gr.Image: ImageData)."""
+        model = getattr(block, "data_model", None)
+        if model is None or value is None:
+            return
+        try:
+            model.model_validate(value, context={"validate_meta": True})
+        except Exception:
+            file_input = "File" in model.__name__ or "Image" in model.__name__
+            raise _Refusal(400, NOT_A_FILE if file_input else BAD_REQUEST_SHAPE) from None
+
+
+def _event_data_parameters(fn) -> list[type]:
+    """The gr.EventData classes (gr.SelectData, ...) an event's function takes, which Gradio fills from the request."""
+    import typing
+
+    from gradio.events import EventData
+
+    try:
+        hints = typing.get_type_hints(fn.fn)
+    except Exception:  # no function, or annotations that don't resolve: Gradio wouldn't fill them either
+        return []
+    return [hint for hint in hints.values() if isinstance(hint, type) and issubclass(hint, EventData)]
+
+
+def _is_file_object(value: dict) -> bool:
+    meta = value.get("meta")
+    return "path" in value or (isinstance(meta, dict) and meta.get("_type") == "gradio.FileData")
+
+
+class _Body:
+    """The request's receive(), bounded: at most `limit` bytes, at MIN_BODY_RATE after BODY_GRACE_S."""
+
+    def __init__(self, receive, limit: int):
+        self._receive, self.limit = receive, limit
+        self.started, self.received, self.done = time.monotonic(), 0, False
+        self.refusal: _Refusal | None = None
+        self._delimiter: bytes | None = None
+        self._tail, self._delimiters = b"", 0
+
+    async def receive(self):
+        """The next message; a refusal is raised, and kept in `refusal`: code that catches it (FastAPI turns
+        errors reading a body into its own 400) still has its answer replaced by this one."""
+        if self.done:
+            return await self._receive()
+        try:
+            return self._counted(await self._next_message())
+        except _Refusal as refusal:
+            self.refusal = refusal
+            raise
+
+    async def _next_message(self):
+        wait = self.started + BODY_GRACE_S + self.received / MIN_BODY_RATE - time.monotonic()
+        try:
+            if wait <= 0:
+                raise asyncio.TimeoutError
+            return await asyncio.wait_for(self._receive(), wait)
+        except asyncio.TimeoutError:
+            raise _Refusal(408, BODY_TOO_SLOW) from None
+
+    def _counted(self, message):
+        if message["type"] == "http.request":
+            chunk = message.get("body", b"")
+            self.received += len(chunk)
+            if self.received > self.limit:
+                raise _Refusal(413, BODY_TOO_LARGE.format(limit=_size(self.limit)))
+            if self._delimiter is not None:
+                self._count_delimiters(chunk)
+            self.done = not message.get("more_body", False)
+        return message
+
+    async def read_all(self) -> bytes:
+        chunks = []
+        while True:
+            message = await self.receive()
+            if message["type"] != "http.request":  # the client went away
+                raise _Refusal(400, "The request ended before its body arrived.")
+            chunks.append(message.get("body", b""))
+            if self.done:
+                return b"".join(chunks)
+
+    def count_parts(self, boundary: bytes | None) -> None:
+        """Count multipart delimiters as the body arrives (a file's data can't contain its own boundary)."""
+        if boundary:
+            self._delimiter = b"--" + boundary
+
+    def _count_delimiters(self, chunk: bytes) -> None:
+        window = self._tail + chunk
+        self._delimiters += window.count(self._delimiter)
+        self._tail = window[-(len(self._delimiter) - 1):]
+        if self._delimiters > MAX_FILES_PER_UPLOAD + 1:  # one delimiter before each part, one closing
+            raise _Refusal(413, TOO_MANY_FILES)
+
+    async def receive_for_upload(self):
+        """As receive(), but a refusal is raised as the error Gradio's upload parser handles (it deletes its temporary files)."""
+        from starlette.formparsers import MultiPartException
+
+        try:
+            return await self.receive()
+        except _Refusal as refusal:
+            raise MultiPartException(refusal.message) from None
+
+
+class _Responder:
+    """Passes the app's response on, or replaces it with the body's refusal (if the response hasn't started)."""
+
+    def __init__(self, send, body: _Body):
+        self._send, self.body, self.started, self.replaced = send, body, False, False
+
+    async def send(self, message):
+        if self.replaced:
+            return
+        if message["type"] == "http.response.start":
+            if self.body.refusal is not None:
+                await self.refuse(self.body.refusal)
+                return
+            self.started = True
+        await self._send(message)
+
+    async def refuse(self, refusal: _Refusal) -> None:
+        if self.started:
+            return
+        self.replaced = True
+        body = json.dumps({"detail": refusal.message}).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                   (b"connection", b"close")]
+        await self._send({"type": "http.response.start", "status": refusal.status, "headers": headers})
+        await self._send({"type": "http.response.body", "body": body})
+
+
+def _content_length(scope) -> int | None:
+    for name, value in scope.get("headers", []):
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                raise _Refusal(400, "The request's Content-Length is not a number.") from None
+    return None
+
+
+def _with_content_length(scope, length: int):
+    headers = [(name, value) for name, value in scope.get("headers", []) if name != b"content-length"]
+    return {**scope, "headers": headers + [(b"content-length", str(length).encode())]}
+
+
+def _boundary(scope) -> bytes | None:
+    for name, value in scope.get("headers", []):
+        if name == b"content-type":
+            match = re.search(rb'boundary="?([^";]+)"?', value)
+            return match.group(1) if match else None
+    return None
+
+
+def _replay(body: bytes, receive):
+    sent = False
+
+    async def replay():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
+def _size(limit: int) -> str:
+    return f"{limit // 2**20} MB" if limit >= 2**20 else f"{limit // 1024} KB"

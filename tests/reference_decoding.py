@@ -1,0 +1,143 @@
+"""The straightforward decoders that the fast ones in captioner/decoding.py must agree with.
+
+These are the decoders as first written (one image at a time in Python inside each beam step, the
+LSTM gate by gate, n-gram blocking caption by caption): easy to check by reading, and slow. The fast
+decoders choose with array operations over all images at once; tests/test_decoding_reference.py
+checks that both give the same captions and scores.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from captioner.decoding import DecodingOptions, Hypothesis, StepDecoder, allowed_log_probs, length_normalised, prefix_ids
+from captioner.vocabulary import Vocabulary
+
+
+def reference_step(decoder: StepDecoder, image: np.ndarray, tokens: np.ndarray, state):
+    """StepDecoder.step as Keras defines the LSTM: gates input, forget, cell, output, each with its own sigmoid."""
+    h, c = state
+    z = decoder.token_gates[tokens] + h @ decoder.recurrent_kernel
+    i, f, g, o = np.split(z, 4, axis=1)
+    c = sigmoid(f) * c + sigmoid(i) * np.tanh(g)
+    h = sigmoid(o) * np.tanh(c)
+    hidden = np.maximum((image + h) @ decoder.decoder_kernel + decoder.decoder_bias, 0.0)
+    return hidden @ decoder.output_kernel + decoder.output_bias, (h, c)
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    return 0.5 * (np.tanh(0.5 * x) + 1.0)
+
+
+def forbid_repeated_ngrams(log_probs: np.ndarray, captions: list[tuple[int, ...]], n: int) -> None:
+    """In place: the tokens that would make an n-gram of a row's caption appear twice get zero probability."""
+    if n == 0:
+        return
+    for row, caption in enumerate(captions):
+        if len(caption) < n - 1:
+            continue
+        ending = caption[len(caption) - n + 1 :]
+        for i in range(len(caption) - n + 1):
+            if caption[i : i + n - 1] == ending:
+                log_probs[row, caption[i + n - 1]] = -np.inf
+
+
+def start(step_decoder: StepDecoder, vocab: Vocabulary, image: np.ndarray, prefix: tuple[int, ...]):
+    """Feed <start> and the prefix to every row: -> (state, logits after the last one, the prefix's log-prob)."""
+    n = len(image)
+    state = step_decoder.initial_state(n)
+    logits, state = reference_step(step_decoder, image, np.full(n, vocab.start_id), state)
+    log_prob = np.zeros(n)
+    for position, token in enumerate(prefix):
+        log_prob += allowed_log_probs(logits, vocab, first_step=position == 0)[:, token]
+        logits, state = reference_step(step_decoder, image, np.full(n, token), state)
+    return state, logits, log_prob
+
+
+def greedy_decode(
+    step_decoder: StepDecoder, vocab: Vocabulary, image: np.ndarray, options: DecodingOptions, max_new_tokens: int
+) -> list[Hypothesis]:
+    """The most likely next token at each step. image: the projected image branch (StepDecoder.project_image)."""
+    n, prefix = len(image), prefix_ids(vocab, options.prefix)
+    steps = options.max_new_tokens or max_new_tokens
+    state, logits, log_probs = start(step_decoder, vocab, image, prefix)
+    captions = [prefix] * n
+    finished = np.zeros(n, dtype=bool)
+    for step in range(steps):
+        if step:
+            logits, state = reference_step(step_decoder, image, tokens, state)
+        step_log_probs = allowed_log_probs(logits, vocab, first_step=not prefix and step == 0)
+        forbid_repeated_ngrams(step_log_probs, captions, options.no_repeat_ngram_size)
+        tokens = np.where(finished, vocab.end_id, step_log_probs.argmax(axis=-1))
+        log_probs += np.where(finished, 0.0, step_log_probs[np.arange(n), tokens])
+        captions = [c if done else c + (int(t),) for c, t, done in zip(captions, tokens, finished)]
+        finished |= tokens == vocab.end_id
+        if finished.all():
+            break
+    return [Hypothesis(caption, float(lp)) for caption, lp in zip(captions, log_probs)]
+
+
+def beam_search_decode(
+    step_decoder: StepDecoder, vocab: Vocabulary, image: np.ndarray, options: DecodingOptions, max_new_tokens: int
+) -> list[list[Hypothesis]]:
+    """Keeps the `beam_width` best unfinished captions per image; a caption that
+    picks <end> moves to that image's finished list. An image is done once it
+    has `beam_width` finished captions (or at the token budget, where its live beams
+    count as finished). Returns up to `beam_width` distinct captions per image,
+    ranked by the length-normalised score."""
+    n, k, prefix = len(image), options.beam_width, prefix_ids(vocab, options.prefix)
+    steps = options.max_new_tokens or max_new_tokens
+    state, logits, prefix_log_prob = start(step_decoder, vocab, image, prefix)
+    # Live beams of all images, flattened: row r belongs to image owner[r].
+    owner = np.arange(n)
+    captions: list[tuple[int, ...]] = [prefix] * n
+    scores = prefix_log_prob
+    finished: list[list[Hypothesis]] = [[] for _ in range(n)]
+
+    for step in range(steps):
+        if step:
+            logits, state = reference_step(step_decoder, image[owner], tokens, state)
+        h, c = state
+        step_log_probs = allowed_log_probs(logits, vocab, first_step=not prefix and step == 0)
+        forbid_repeated_ngrams(step_log_probs, captions, options.no_repeat_ngram_size)
+        candidate_scores = scores[:, None] + step_log_probs
+        last_step = step == steps - 1
+
+        next_rows, next_tokens, next_scores, next_owner = [], [], [], []
+        for i in range(n):
+            if len(finished[i]) >= k:
+                continue
+            rows = np.flatnonzero(owner == i)
+            flat = candidate_scores[rows].ravel()
+            # 2k candidates: enough that k continue even if k others end here.
+            top = np.argpartition(-flat, min(2 * k, flat.size - 1))[: 2 * k]
+            live = 0
+            for index in top[np.argsort(-flat[top], kind="stable")]:  # ties: the earlier candidate first
+                score = flat[index]
+                if not np.isfinite(score):
+                    break
+                row, token = rows[index // logits.shape[1]], int(index % logits.shape[1])
+                caption = captions[row] + (token,)
+                if token == vocab.end_id or last_step:
+                    if len(finished[i]) < k:
+                        finished[i].append(Hypothesis(caption, float(score)))
+                else:
+                    next_rows.append(row)
+                    next_tokens.append(token)
+                    next_scores.append(score)
+                    next_owner.append(i)
+                    live += 1
+                    if live == k:  # only endings that outrank the k-th live caption count
+                        break
+        if not next_rows:
+            break
+        next_rows = np.array(next_rows)
+        captions = [captions[r] + (t,) for r, t in zip(next_rows, next_tokens)]
+        owner, tokens, scores = np.array(next_owner), np.array(next_tokens), np.array(next_scores)
+        state = (h[next_rows], c[next_rows])
+
+    alpha = options.length_penalty
+    return [
+        sorted(hyps, key=lambda hyp: length_normalised(hyp.log_prob, len(hyp.tokens), alpha), reverse=True)[:k]
+        for hyps in finished
+    ]

