@@ -308,21 +308,15 @@ def build_demo(captioner: Captioner | None, unavailable_reason: str | None = Non
 
     def caption_pixels(pixels_of, method, beam_width, max_length, length_penalty, prefix=None):
         """The one caption path for uploads and examples alike: pixels_of() gives the checked, decoded image."""
-        try:
-            if captioner is None:
-                raise RequestError(f"{NOT_LOADED} {unavailable}")
+        def work():
             options = decoding_options(method, beam_width, max_length, length_penalty, prefix)
             start = time.perf_counter()
             result = captioner.caption(pixels_of(), options)
             seconds = time.perf_counter() - start
-        except ValueError as exc:  # InvalidImageError, RequestError and DecodingOptions' checks
-            log.info("Rejected a request: %s", serving.for_log(exc))
-            raise user_error(serving.user_message(exc)) from None
-        except Exception:
-            log.exception("Captioning failed")
-            raise user_error(GENERIC_ERROR) from None
-        log.info("%s caption in %.2f s: %s", options.method, seconds, result.text)
-        return result.text, candidate_rows(result), model_facts(description, seconds)
+            log.info("%s caption in %.2f s: %s", options.method, seconds, result.text)
+            return result.text, candidate_rows(result), model_facts(description, seconds)
+
+        return user_facing(work)
 
     def caption_image(image, method, beam_width, max_length, length_penalty, prefix=None):
         """Caption one image. method: 'greedy' or 'beam'; prefix: words the caption must start with ("" none).

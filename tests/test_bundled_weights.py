@@ -18,17 +18,18 @@ def bundled():
 
 def test_the_folder_is_complete_and_its_checksums_match():
     folder = read_folder(BUNDLED_WEIGHTS)
-    assert (folder.config.encoder, folder.config.feature_dim, folder.encoder_weights) == ("mobilenet_v2", 1280, "imagenet")
+    assert (folder.config.encoder, folder.config.feature_dim, folder.encoder_weights) == ("efficientnet_lite0", 1280, "imagenet")
     assert (folder.config.units, folder.config.embedding_dim, folder.config.dropout) == (256, 50, 0.3)
-    for name in ("metrics.json", "metrics.md", "history.png", "history.json", "README.md"):
+    # The encoder's converted ImageNet weights travel with the folder: nothing is downloaded for them.
+    for name in ("encoder.weights.h5", "metrics.json", "metrics.md", "history.png", "history.json", "README.md"):
         assert (BUNDLED_WEIGHTS / name).is_file(), name
 
 
 def test_its_recorded_scores_meet_the_targets():
     metrics = json.loads((BUNDLED_WEIGHTS / "metrics.json").read_text())
     assert metrics["split"] == "test" and metrics["images"] == 1000
-    best = metrics["results"][metrics["best"]]
-    assert best["BLEU-4"] >= 0.16 and best["CIDEr"] >= 0.42
+    best = metrics["results"][metrics["best"]]  # the app's default decoding
+    assert best["BLEU-4"] >= 0.21 and best["CIDEr"] >= 0.55
 
 
 def test_the_default_captioner_is_the_bundled_model(monkeypatch):

@@ -167,7 +167,7 @@ def plot_history(history: dict, best_epoch: int, path: Path, scst_best_epoch: in
             ax.axvline(scst_best_epoch, color="grey", linestyle=":", label=f"kept (epoch {scst_best_epoch})")
         ax.set(xlabel="self-critical epoch (0: the cross-entropy model)", title=f"Self-critical training ({decoding_text})")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.legend()
+        ax.legend(loc="center right")  # between the reward climbing above and the scores below
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
