@@ -95,7 +95,7 @@ def bundled_on_both_backends():
     from captioner import Captioner
 
     fast, reference = Captioner.from_pretrained(ROOT / "weights"), Captioner.from_pretrained(ROOT / "weights")
-    reference.encoder = ImageEncoder(reference.config.encoder, backend="tensorflow")  # instead of the lazy default
+    reference.encoder = ImageEncoder(reference.config.encoder, reference.encoder_weights, backend="tensorflow")  # not the default
     assert fast.encoder.backend.name == "openvino"
     return fast, reference
 
