@@ -38,7 +38,7 @@ from captioner import Captioner, WeightsError, serving
 from captioner.cli import add_model_arguments, check_model_arguments
 from captioner.decoding import BEAM_WIDTHS, LENGTH_PENALTIES, DecodingOptions, limit_blas_threads
 from captioner.collection import caption_photos, write_csv, write_json
-from captioner.explain import Explanation, overlay
+from captioner.explain import OVERLAY_MAX_SIDE, Explanation, overlay
 from captioner.image import IMAGE_SUFFIXES, MAX_FILE_BYTES
 
 log = logging.getLogger("app")
@@ -67,6 +67,7 @@ MAX_BATCH_FILES = 50  # photos per "Many photos" request: about 2-4 s of work he
 BATCH_TIME_LIMIT_S = 60.0
 BATCH_HEADERS = ["file", "caption", "why it has no caption"]
 BATCH_CONCURRENCY = 1  # batches at once, beside the single captions
+GALLERY_MAX_SIDE = 512  # the "Many photos" gallery shows each photo at most this many pixels a side (50 of them: ~40 MB)
 PHOTO_JPEG_QUALITY = 85  # the explained photo is kept per session as a small JPEG, for the word clicks
 NOT_LOADED = "The captioning model isn't loaded."
 GENERIC_ERROR = "Something went wrong while captioning this image. Please try again, or try another image."
@@ -342,10 +343,10 @@ def build_demo(captioner: Captioner | None, unavailable_reason: str | None = Non
         def work():
             options = decoding_options(method, beam_width, max_length, length_penalty, prefix)
             start = time.perf_counter()
-            pixels = pixels_of()
+            pixels, display = pixels_of()  # the encoder's square copy, and the photo as it is (aspect kept) to draw on
             explanation = captioner.explain(pixels, options=options)
             shown = chosen_word(word, explanation)
-            kept = ExplainedPhoto.of(explanation, Image.fromarray(pixels))
+            kept = ExplainedPhoto.of(explanation, Image.fromarray(display))
             seconds = time.perf_counter() - start
             log.info("%s caption explained in %.2f s: %s", options.method, seconds, explanation.text)
             return (explanation.text, word_highlights(explanation), kept.overlay(shown), kept.label(shown),
@@ -357,11 +358,11 @@ def build_demo(captioner: Captioner | None, unavailable_reason: str | None = Non
         start with; word: which word's heatmap to draw (its position from 0; default: the first word that names
         something). Returns the caption, its words with their probabilities, the photo with that word's heatmap
         and a line saying which word it is, the candidates table and facts."""
-        return explain_pixels(lambda: images.upload(image), method, beam_width, max_length, length_penalty, prefix, word)
+        return explain_pixels(lambda: images.upload(image, OVERLAY_MAX_SIDE), method, beam_width, max_length, length_penalty, prefix, word)
 
     def explain_example(index, method, beam_width, max_length, length_penalty, prefix=None):
         """A click in the example gallery: only the example's index comes from the page -> the photo and its view."""
-        outputs = explain_pixels(lambda: images.example(index), method, beam_width, max_length, length_penalty, prefix, None)
+        outputs = explain_pixels(lambda: images.example(index, OVERLAY_MAX_SIDE), method, beam_width, max_length, length_penalty, prefix, None)
         return images.examples[index], *outputs
 
     def show_word(kept: ExplainedPhoto | None, event: gr.SelectData):
@@ -378,12 +379,12 @@ def build_demo(captioner: Captioner | None, unavailable_reason: str | None = Non
             options = decoding_options(method, beam_width, max_length, length_penalty, prefix)
             uploads = batch_uploads(files)
             start = time.perf_counter()
-            pixels: dict[int, np.ndarray] = {}
+            thumbnails: dict[int, np.ndarray] = {}  # each photo as it is (aspect kept), for the gallery
 
             def reader(position, upload):
                 def read():
-                    pixels[position] = images.upload(upload)
-                    return pixels[position]
+                    pixels, thumbnails[position] = images.upload(upload, GALLERY_MAX_SIDE)
+                    return pixels
                 return read
 
             photos = [(upload_name(upload), reader(i, upload)) for i, upload in enumerate(uploads)]
@@ -393,7 +394,7 @@ def build_demo(captioner: Captioner | None, unavailable_reason: str | None = Non
             seconds = time.perf_counter() - start
             folder = results_folder()
             downloads = [str(write_csv(results, folder / "captions.csv")), str(write_json(results, folder / "captions.json"))]
-            gallery = [(Image.fromarray(pixels[i]), f"{r.image}: {r.caption}") for i, r in enumerate(results) if r.ok]
+            gallery = [(Image.fromarray(thumbnails[i]), f"{r.image}: {r.caption}") for i, r in enumerate(results) if r.ok]
             table = [[r.image, r.caption or "", r.error or ""] for r in results]
             log.info("Captioned %d of %d photos in %.2f s", len(gallery), len(results), seconds)
             return gallery, batch_summary(len(gallery), len(results), seconds), table, downloads

@@ -40,7 +40,7 @@ import numpy as np
 from PIL import Image
 
 from .decoding import DecodingOptions, StepDecoder, decode
-from .image import load_image, resize_for_encoder
+from .image import display_copy, load_image, resize_for_encoder
 from .vocabulary import Vocabulary, normalize_caption
 
 if TYPE_CHECKING:
@@ -249,15 +249,6 @@ def explanation_folder(root: str | Path, image: str | Path, taken: set[str]) -> 
     return Path(root) / name
 
 
-def display_copy(photo: Image.Image, max_side: int = OVERLAY_MAX_SIDE) -> Image.Image:
-    """The photo shrunk (aspect kept) to at most max_side pixels a side, for overlays."""
-    if max(photo.size) <= max_side:
-        return photo
-    scale = max_side / max(photo.size)
-    size = (max(1, round(photo.width * scale)), max(1, round(photo.height * scale)))
-    return photo.resize(size, Image.BILINEAR, reducing_gap=3.0)
-
-
 # ---- Captioner.explain ---------------------------------------------------------------------------
 
 
@@ -288,7 +279,7 @@ def explain_image(captioner: "Captioner", image, caption: str | None = None, opt
     words = tuple(
         WordExplanation(captioner.vocab.itos[i], p, heatmap) for i, p, heatmap in zip(word_ids, probabilities, heatmaps)
     )
-    return Explanation(generated, words, log_prob, display_copy(photo))
+    return Explanation(generated, words, log_prob, display_copy(photo, OVERLAY_MAX_SIDE))
 
 
 def caption_ids(vocab: Vocabulary, caption: str) -> list[int]:

@@ -321,6 +321,16 @@ def resize_for_encoder(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(image, dtype=np.float32)
 
 
+def display_copy(photo: Image.Image, max_side: int) -> Image.Image:
+    """The photo to show a user (heatmap overlays, galleries): its aspect kept, shrunk to at most max_side
+    pixels a side, never enlarged. (The encoder's copy is squashed to a square: resize_for_encoder.)"""
+    if max(photo.size) <= max_side:
+        return photo
+    scale = max_side / max(photo.size)
+    size = (max(1, round(photo.width * scale)), max(1, round(photo.height * scale)))
+    return photo.resize(size, Image.BILINEAR, reducing_gap=DOWNSCALE_GAP)
+
+
 def prepare_pixels(image: ImageInput, size: tuple[int, int]) -> np.ndarray:
     """Decode and resize one image for the encoder: (h, w, 3) uint8, the values prepare_images gives as floats.
 

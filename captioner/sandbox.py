@@ -3,6 +3,7 @@
     pool = DecodePool()                                   # starts WORKERS processes, once; reuse it
     pixels = pool.prepare_pixels(data, (224, 224))        # (224, 224, 3) uint8, or InvalidImageError
     caption = captioner.caption(pixels)
+    pixels, display = pool.prepare_pixels_and_display(data, (224, 224), 768)   # and the photo to show, aspect kept
 
 An image decoder is a large C library (libjpeg, libpng and zlib, libwebp, libtiff, libavif) reached
 through Pillow, fed bytes chosen by whoever uploads. image.py bounds the costs we know of (pixels,
@@ -83,10 +84,15 @@ SLOW_MESSAGE = "This file took too long to read; it may be damaged or crafted. P
 CRASH_MESSAGE = "This file crashed the image decoder; it may be damaged or crafted. Please try another image."
 BUSY_MESSAGE = "The server is busy reading other images. Please try again in a moment."
 
-# The wire format. Request: header (magic, width, height, length), then `length` bytes of the file.
-# Answer: header (magic, status, length), then the pixels (OK) or a UTF-8 message (REFUSED).
-REQUEST = struct.Struct(">4sIII")
+# The wire format. Request: header (magic, width, height, display_max_side, length), then `length` bytes of
+# the file. Answer: header (magic, status, length), then the pixels (OK) or a UTF-8 message (REFUSED); when a
+# display copy was asked for (display_max_side > 0), the pixels are followed by DISPLAY_SIZE (its width and
+# height) and its pixels.
+REQUEST = struct.Struct(">4sIIII")
 ANSWER = struct.Struct(">4sBI")
+DISPLAY_SIZE = struct.Struct(">II")
+# The largest display copy a caller may ask for (the heatmap view asks for 768): bounds what an answer may hold.
+MAX_DISPLAY_SIDE = 2048
 REQUEST_MAGIC, ANSWER_MAGIC, READY = b"DREQ", b"DANS", b"READY\n"
 OK, REFUSED = 0, 1
 WORKER_SCRIPT = Path(__file__).resolve()
@@ -139,6 +145,16 @@ class DecodePool:
         Raises InvalidImageError (a sentence for the user) for anything the worker refuses, for a decode
         past the deadline and for a worker that dies; DecoderBusyError if no worker is free in time.
         """
+        return self._decode(data, size, 0)[0]
+
+    def prepare_pixels_and_display(self, data: bytes, size: tuple[int, int], display_max_side: int) -> tuple[np.ndarray, np.ndarray]:
+        """-> (the pixels prepare_pixels gives, the photo to show: (h, w, 3) uint8 from the same decode, its
+        orientation applied and its aspect kept, shrunk to at most display_max_side pixels a side, never enlarged)."""
+        if type(display_max_side) is not int or not 0 < display_max_side <= MAX_DISPLAY_SIDE:
+            raise ValueError(f"display_max_side must be a whole number from 1 to {MAX_DISPLAY_SIDE}")
+        return self._decode(data, size, display_max_side)
+
+    def _decode(self, data: bytes, size: tuple[int, int], display_max_side: int) -> tuple[np.ndarray, np.ndarray | None]:
         width, height = size
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise TypeError(f"prepare_pixels takes the file's bytes, not {type(data).__name__}")
@@ -153,8 +169,8 @@ class DecodePool:
             self._replace(worker)
             raise RuntimeError(f"a decode worker {failure}") from None
         try:
-            status, payload = worker.run(REQUEST.pack(REQUEST_MAGIC, width, height, len(data)), data,
-                                         time.monotonic() + self.deadline_s, width * height * 3)
+            status, payload = worker.run(REQUEST.pack(REQUEST_MAGIC, width, height, display_max_side, len(data)), data,
+                                         time.monotonic() + self.deadline_s, width * height * 3, display_max_side)
         except _WorkerFailed as failure:
             log.warning("Decode worker %d %s; starting another.", worker.pid, failure)
             self._replace(worker)
@@ -168,7 +184,12 @@ class DecodePool:
             self._idle.put(worker)
         if status == REFUSED:
             raise InvalidImageError(payload.decode("utf-8", "replace"))
-        return np.frombuffer(payload, np.uint8).reshape(height, width, 3)
+        pixels = np.frombuffer(payload, np.uint8, count=width * height * 3).reshape(height, width, 3)
+        if not display_max_side:
+            return pixels, None
+        display_width, display_height = DISPLAY_SIZE.unpack_from(payload, width * height * 3)
+        display = np.frombuffer(payload, np.uint8, offset=width * height * 3 + DISPLAY_SIZE.size)
+        return pixels, display.reshape(display_height, display_width, 3)
 
     def close(self) -> None:
         """Stop every worker. Safe to call twice; the pool can't be used afterwards."""
@@ -255,18 +276,26 @@ class _Worker:
                 raise _WorkerFailed(CRASH_MESSAGE, "did not start: a wrong greeting")
             self.ready = True
 
-    def run(self, header: bytes, data: bytes, deadline: float, pixel_bytes: int) -> tuple[int, bytes]:
+    def run(self, header: bytes, data: bytes, deadline: float, pixel_bytes: int, display_max_side: int = 0) -> tuple[int, bytes]:
         """Send one request and read its answer, all before `deadline` (monotonic)."""
         self.jobs += 1
         self._write(header, deadline)
         self._write(data, deadline)
         magic, status, length = ANSWER.unpack(self._read(ANSWER.size, deadline))
-        expected = magic == ANSWER_MAGIC and (
-            (status == OK and length == pixel_bytes) or (status == REFUSED and length <= MAX_MESSAGE_BYTES)
-        )
+        if display_max_side:  # the pixels, the display copy's size, and at most a display_max_side square of pixels
+            fits = pixel_bytes + DISPLAY_SIZE.size + 3 <= length <= pixel_bytes + DISPLAY_SIZE.size + 3 * display_max_side**2
+        else:
+            fits = length == pixel_bytes
+        expected = magic == ANSWER_MAGIC and ((status == OK and fits) or (status == REFUSED and length <= MAX_MESSAGE_BYTES))
         if not expected:  # a worker that says anything else can't be trusted with another file
             raise _WorkerFailed(CRASH_MESSAGE, "broke the protocol")
-        return status, self._read(length, deadline)
+        payload = self._read(length, deadline)
+        if status == OK and display_max_side:
+            display_width, display_height = DISPLAY_SIZE.unpack_from(payload, pixel_bytes)
+            if not (0 < display_width <= display_max_side and 0 < display_height <= display_max_side
+                    and length == pixel_bytes + DISPLAY_SIZE.size + 3 * display_width * display_height):
+                raise _WorkerFailed(CRASH_MESSAGE, "broke the protocol")
+        return status, payload
 
     def _write(self, data: bytes, deadline: float) -> None:
         view = memoryview(data)
@@ -369,7 +398,7 @@ def _worker_main(memory_bytes: int, deadline_s: float) -> None:
         header = read_exactly(REQUEST.size)
         if header is None:  # the server closed the pipe: done
             return
-        magic, width, height, length = REQUEST.unpack(header)
+        magic, width, height, display_max_side, length = REQUEST.unpack(header)
         data = read_exactly(length) if magic == REQUEST_MAGIC else None
         if data is None:
             return
@@ -377,8 +406,13 @@ def _worker_main(memory_bytes: int, deadline_s: float) -> None:
         try:
             if test_hooks:
                 _run_test_hook(data)
-            pixels = image.prepare_pixels(data, (width, height))
-            answer(OK, np.ascontiguousarray(pixels, np.uint8).tobytes())
+            photo = image.load_image(data, target_size=(width, height))
+            pixels = image.resize_for_encoder(photo, (width, height)).astype(np.uint8).tobytes()
+            if display_max_side:
+                display = image.display_copy(photo, display_max_side)
+                pixels += DISPLAY_SIZE.pack(*display.size) + np.asarray(display, np.uint8).tobytes()
+            del photo
+            answer(OK, pixels)
         except image.InvalidImageError as exc:
             answer(REFUSED, str(exc)[:MAX_MESSAGE_BYTES // 4].encode())
         except MemoryError:

@@ -226,6 +226,7 @@ class RequestImages:
         images = RequestImages(captioner.encoder.input_size, examples)   # starts a DecodePool
         pixels = images.upload(payload)      # (h, w, 3) uint8, or RequestError / InvalidImageError
         pixels = images.example(index)       # a gallery click: the server's own file images.examples[index]
+        pixels, display = images.upload(payload, display_max_side=768)   # and the photo to show, aspect kept
     """
 
     def __init__(self, input_size: tuple[int, int], examples: Sequence[str | os.PathLike] = (),
@@ -235,14 +236,17 @@ class RequestImages:
         self.pool = pool or DecodePool().wait_ready()  # started now, so that the first request doesn't wait
         self.upload_dir = upload_dir
 
-    def upload(self, payload) -> np.ndarray:
-        return self._pixels(uploaded_file_bytes(payload, self.upload_dir))
+    def upload(self, payload, display_max_side: int = 0):
+        """-> pixels; with display_max_side, (pixels, display) from the same decode (DecodePool.prepare_pixels_and_display)."""
+        return self._pixels(uploaded_file_bytes(payload, self.upload_dir), display_max_side)
 
-    def example(self, index) -> np.ndarray:
-        return self._pixels(Path(self.examples[example_index(index, len(self.examples))]).read_bytes())
+    def example(self, index, display_max_side: int = 0):
+        return self._pixels(Path(self.examples[example_index(index, len(self.examples))]).read_bytes(), display_max_side)
 
-    def _pixels(self, data: bytes) -> np.ndarray:
+    def _pixels(self, data: bytes, display_max_side: int):
         try:
+            if display_max_side:
+                return self.pool.prepare_pixels_and_display(data, self.input_size, display_max_side)
             return self.pool.prepare_pixels(data, self.input_size)
         except DecoderBusyError as busy:
             raise RequestError(str(busy)) from None

@@ -21,7 +21,7 @@ from PIL import Image
 import app
 from benchmarks.app_process import app_process
 from captioner import serving
-from captioner.image import MAX_FILE_BYTES, prepare_pixels
+from captioner.image import MAX_FILE_BYTES
 from tests.hostile_files import CAPTION, hostile_files
 from tests.test_security import ANSWER_S, FILE_META, HOSTILE_VALUES, SECRET, SENTENCE, assert_refused, call, upload
 
@@ -60,14 +60,15 @@ def test_explain_gives_the_caption_word_by_word_with_a_heatmap(client, tiny_capt
     assert shown["caption"] == text and shown["table"]["data"] == table["data"]  # the same caption and candidates
     assert [w["token"] for w in shown["words"]] == text.split()
 
-    # The words' probabilities and the heatmap are the library's, for the same decoded pixels.
-    pixels = prepare_pixels(photo.read_bytes(), (224, 224))
-    explanation = tiny_captioner.explain(pixels, method="beam", beam_width=3, length_penalty=0.0)
+    # The words' probabilities and the heatmap are the library's for the same file, drawn on the photo as it is:
+    # its own shape (451x300), not the encoder's square.
+    explanation = tiny_captioner.explain(photo, method="beam", beam_width=3, length_penalty=0.0)
     assert [w["class_or_confidence"] for w in shown["words"]] == [round(w.probability, 3) for w in explanation.words]
     index = explanation.first_content_word
     assert f"\u201c{explanation.words[index].word}\u201d** (word {index + 1}," in shown["note"]
+    assert shown["heatmap"].size == explanation.image.size == Image.open(photo).size != (224, 224)
     expected = np.asarray(explanation.overlay(index), float)
-    received = np.asarray(shown["heatmap"].convert("RGB").resize(explanation.image.size), float)
+    received = np.asarray(shown["heatmap"].convert("RGB"), float)
     assert np.abs(received - expected).mean() < 4  # JPEG on the way
     assert "this caption took" in shown["facts"]
 
@@ -148,6 +149,11 @@ def test_many_photos_each_get_a_caption_or_their_error(client, mixed_files):
             assert caption == "" and SENTENCE.fullmatch(error)
     assert "not an image" in rows[1][2] and "damaged" in rows[3][2]
     assert [item["caption"] for item in gallery] == [f"{path.name}: {singles[path]}" for path in singles]
+    # Each photo is shown in its own shape, shrunk to at most GALLERY_MAX_SIDE a side.
+    for item, path in zip(gallery, singles):
+        width, height = Image.open(path).size
+        scale = min(1.0, app.GALLERY_MAX_SIDE / max(width, height))
+        assert Image.open(item["image"]).size == (round(width * scale), round(height * scale))
     assert "**3 of 5** photos" in summary and "2 files have no caption" in summary
 
     csv_file, json_file = sorted(downloads, key=lambda p: Path(p).suffix)

@@ -189,11 +189,13 @@ def test_a_step_makes_better_than_average_samples_likelier_and_leaves_the_embedd
 SMALL_RUN_IMAGES = 300  # the first 300 images of the train and dev splits
 CE_EPOCHS = 8  # enough that the cross-entropy model describes its training images fairly (dev CIDEr ~0.27)
 SMALL_RUN = dict(images_per_batch=10, learning_rate=5e-5)  # 30 updates an epoch on 300 images
+# Its dev CIDEr moves by about +-0.01 from epoch to epoch: over 3 epochs, seeds 1, 2 and 3 gained 0.013 to 0.025.
+SMALL_RUN_EPOCHS = 3
 
 
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory) -> dict:
-    """Cross-entropy, then 2 self-critical epochs on 300 Flickr8k training images; and the same 2 epochs again
+    """Cross-entropy, then 3 self-critical epochs on 300 Flickr8k training images; and the first 2 again
     in place (OUT = IN) as 1 epoch, then a re-run of the command with 2, which continues it."""
     if not (FLICKR8K / "Flickr8k.token.txt").is_file():
         pytest.skip(f"no Flickr8k data at {FLICKR8K}")
@@ -208,7 +210,8 @@ def small_run(tmp_path_factory) -> dict:
     train.main(["--work-dir", str(work), "--out", str(ce), "--encoder", "mobilenet_v2", "--epochs", str(CE_EPOCHS),
                 "--batch-size", "32"])
 
-    facts = self_critical(SelfCriticalConfig(work_dir=work, weights=ce, out=root / "straight", epochs=2, **SMALL_RUN))
+    facts = self_critical(SelfCriticalConfig(work_dir=work, weights=ce, out=root / "straight", epochs=SMALL_RUN_EPOCHS,
+                                             **SMALL_RUN))
     in_place = Path(shutil.copytree(ce, root / "in_place"))
     argv = ["--work-dir", str(work), "--weights", str(in_place), "--out", str(in_place),
             "--images-per-batch", str(SMALL_RUN["images_per_batch"]), "--learning-rate", str(SMALL_RUN["learning_rate"])]
@@ -236,11 +239,11 @@ def test_the_output_is_a_whole_weights_folder_with_the_history_extended(small_ru
     folder = read_folder(out)  # checksums match
     assert folder.config == read_folder(ce).config  # the same architecture
     content = json.loads((out / "config.json").read_text())
-    assert content["training"]["self_critical"]["epochs_run"] == 2
+    assert content["training"]["self_critical"]["epochs_run"] == SMALL_RUN_EPOCHS
     assert content["training"]["best_epoch"] == json.loads((ce / "config.json").read_text())["training"]["best_epoch"]
     history = json.loads((out / HISTORY_FILE).read_text())
     assert history["loss"] == json.loads((ce / HISTORY_FILE).read_text())["loss"]  # the cross-entropy epochs kept
-    assert len(history["scst_dev_cider"]) == 3 and len(history["scst_train_reward"]) == 2
+    assert len(history["scst_dev_cider"]) == SMALL_RUN_EPOCHS + 1 and len(history["scst_train_reward"]) == SMALL_RUN_EPOCHS
     assert (out / "history.png").read_bytes().startswith(b"\x89PNG")
 
     def embedding(folder: Path) -> np.ndarray:
@@ -256,11 +259,12 @@ def test_the_output_is_a_whole_weights_folder_with_the_history_extended(small_ru
 def test_a_rerun_continues_from_the_last_epoch_and_gives_the_same_result(small_run):
     straight = json.loads((small_run["straight"] / HISTORY_FILE).read_text())
     resumed = json.loads((small_run["in_place"] / HISTORY_FILE).read_text())
-    for key in ("scst_dev_cider", "scst_dev_bleu4", "scst_train_reward"):
-        np.testing.assert_allclose(resumed[key], straight[key], rtol=1e-6)
+    for key in ("scst_dev_cider", "scst_dev_bleu4", "scst_train_reward"):  # epochs 1 and 2 (and 0 for dev scores)
+        np.testing.assert_allclose(resumed[key], straight[key][: len(resumed[key])], rtol=1e-6)
+    assert len(resumed["scst_train_reward"]) == 2
     read_folder(small_run["in_place"])  # whole, checksums match
     facts = json.loads((small_run["in_place"] / "config.json").read_text())["training"]["self_critical"]
-    assert (facts["epochs_run"], facts["best_epoch"]) == (2, small_run["facts"]["best_epoch"])
+    assert (facts["epochs_run"], facts["best_epoch"]) == (2, int(np.argmax(straight["scst_dev_cider"][:3])))
 
 
 @needs_imagenet_mobilenet

@@ -30,7 +30,7 @@ from gradio_client import Client, handle_file
 import app
 from benchmarks.app_process import app_process
 from captioner import InvalidImageError, sandbox, serving
-from captioner.image import MAX_FILE_BYTES
+from captioner.image import MAX_FILE_BYTES, display_copy, load_image
 from captioner.sandbox import CRASH_MESSAGE, SLOW_MESSAGE, TEST_HOOKS, TEST_HOOKS_ENV, DecodePool
 from tests.hostile_files import hostile_files
 
@@ -485,6 +485,21 @@ def test_a_worker_that_crashes_is_replaced_and_memory_hogs_are_refused(hooked_po
     assert hooked_pool.replaced == before + 1  # a MemoryError is an answer, not a crash
     pixels = hooked_pool.prepare_pixels(photo, (224, 224))
     assert pixels.shape == (224, 224, 3) and pixels.dtype == np.uint8
+
+
+def test_the_display_copy_comes_from_the_same_decode_in_the_photos_own_shape(hooked_pool):
+    photo = (app.EXAMPLES_DIR / "rocket_launch.jpg").read_bytes()  # 640x427
+    pixels, display = hooked_pool.prepare_pixels_and_display(photo, (224, 224), 320)
+    assert np.array_equal(pixels, hooked_pool.prepare_pixels(photo, (224, 224)))  # the encoder's pixels unchanged
+    assert display.shape == (214, 320, 3) and display.dtype == np.uint8  # aspect kept (427 x 0.5 = 213.5), 320 a side
+    expected = np.asarray(display_copy(load_image(photo), 320))
+    assert np.array_equal(display, expected)  # what the library shows for the same file
+    _, unshrunk = hooked_pool.prepare_pixels_and_display(photo, (224, 224), 2048)
+    assert unshrunk.shape == (427, 640, 3)  # never enlarged
+    _, turned = hooked_pool.prepare_pixels_and_display(hostile_files()["exif_rotated.jpg"][0], (224, 224), 768)
+    assert turned.shape[:2] == (64, 32)  # stored 64 wide and 32 high, shown upright (EXIF orientation 6): 32 wide
+    with pytest.raises(ValueError, match="display_max_side"):
+        hooked_pool.prepare_pixels_and_display(photo, (224, 224), 10**6)  # an answer that size is never expected
 
 
 def test_data_url_images_are_stored_as_uploads(tmp_path):

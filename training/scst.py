@@ -1,6 +1,6 @@
 """Step 4b: self-critical sequence training, after cross-entropy.
 
-    python -m training.scst [--work-dir artifacts] --weights IN --out OUT [--epochs 25] [--patience 5] [--dropout]
+    python -m training.scst [--work-dir artifacts] --weights IN --out OUT [--epochs 9] [--patience 5] [--dropout]
 
 Fine-tunes a cross-entropy model (the weights folder IN, e.g. what training.train wrote) to write the captions
 that score best, rather than the likeliest next word: the "new self-critical" variant (Luo 2020, "A better
@@ -14,7 +14,9 @@ Sampling runs in NumPy on the step decoder (captioner.decoding.StepDecoder), wit
 masked the same way (never <pad>, <start> or <unk>, and no <end> first); the log-probabilities come from one
 teacher-forced pass of the Keras model under a gradient tape, renormalised over the same allowed tokens, so the
 gradient is that of the distribution actually sampled. The architecture is captioner.model's, unchanged: the
-GloVe embedding stays frozen. Adam, learning rate 5e-5.
+GloVe embedding stays frozen. Adam, learning rate 1.5e-4: three times Luo's 5e-5, which reaches the same dev
+CIDEr in a third of the epochs here (0.518 after 9 epochs against 0.519 after 25), so the whole recipe fits in
+half an hour on a 2-core CPU.
 
 After each epoch the dev images are captioned as the app does (DecodingOptions' defaults) and the epoch with the
 best dev CIDEr is kept (epoch 0, the starting model, if none beats it); training stops after `patience` epochs
@@ -61,11 +63,11 @@ class SelfCriticalConfig:
     work_dir: Path = option(DEFAULT_WORK_DIR, "where the earlier steps wrote (dataset.json, features); the run's state goes here")
     weights: Path = option(Path("weights"), "the cross-entropy model's weights folder")
     out: Path = option(Path("weights"), "the weights folder to write (may be --weights: it is replaced at the end)")
-    epochs: int = option(25, "upper bound; early stopping usually ends sooner")
+    epochs: int = option(9, "upper bound: with the learning rate below, dev CIDEr peaks about here (0.518 at epoch 9; 0.511, 0.507, 0.514 at 10-12)")
     patience: int = option(5, "epochs without a better dev CIDEr before stopping")
     samples_per_image: int = option(5, "K: each sample's baseline is the mean reward of the image's other K - 1")
     images_per_batch: int = option(50, "images per update (each with its K samples)")
-    learning_rate: float = option(5e-5, "Adam's learning rate")
+    learning_rate: float = option(1.5e-4, "Adam's learning rate")
     dropout: bool = option(False, "keep dropout on in the gradient pass (the samples come from the dropout-free model)")
     seed: int = option(1234, "seeds the samples' order and draws, and dropout")
 

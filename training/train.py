@@ -180,7 +180,7 @@ class TrainConfig:
     encoder: str = option("efficientnet_lite0", "whose cached features to train on", choices=sorted(ENCODERS))
     epochs: int = option(30, "upper bound; early stopping usually ends sooner")
     batch_size: int = option(64, "captions per batch")
-    patience: int = option(3, "epochs without a better dev score before stopping")
+    patience: int = option(1, "epochs without a better dev score before stopping: the first worse epoch ends it, as self-critical training gains more from the time")
     monitor: str = option("dev_cider", "what early stopping and the kept checkpoint follow on the dev split",
                           choices=["dev_cider", "dev_bleu4", "val_loss"])
     flip: bool = option(False, "also train on the mirrored images (needs features --flip)")
