@@ -6,12 +6,14 @@
         Client(url).predict(handle_file("examples/dog.jpg"), "beam", 5, api_name="/caption")
 
 Each server gets its own upload cache (GRADIO_TEMP_DIR, a fresh temporary folder: `AppProcess.upload_dir`),
-so that servers running side by side never see each other's uploads.
+so that servers running side by side never see each other's uploads. `event_result` reads a raw-HTTP call's
+answer (POST /gradio_api/call/API, then its event stream), as the security tests and benchmarks/attack.py do.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 import subprocess
@@ -96,6 +98,22 @@ def app_process(weights_dir: str | os.PathLike | None = None, env: dict[str, str
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+
+def event_result(http, api: str, event_id: str) -> tuple[str, object]:
+    """Read the event stream of call `event_id` to API (an httpx client on .../gradio_api) to its result:
+    -> ("complete", the outputs) or ("error", the error's message, None if the app gave none)."""
+    kind = None
+    with http.stream("GET", f"/call/{api}/{event_id}") as stream:
+        for line in stream.iter_lines():
+            if line.startswith("event:"):
+                kind = line[6:].strip()
+            elif line.startswith("data:") and kind in ("complete", "error"):
+                value = json.loads(line[5:])
+                if kind == "error":
+                    value = value.get("error") if isinstance(value, dict) else value
+                return kind, value
+    raise RuntimeError("the event stream ended without a result")
 
 
 def _answers(url: str) -> bool:

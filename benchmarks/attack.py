@@ -38,8 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.app_process import app_process
-from benchmarks.load import RssMonitor, find_images, format_table, loadavg, summarise
+from benchmarks.app_process import app_process, event_result
+from benchmarks.load import RssMonitor, find_images, format_table, loadavg, run_and_report, summarise
 from captioner.sandbox import TEST_HOOKS, TEST_HOOKS_ENV
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -153,18 +153,10 @@ class Attack:
         response = http.post("/call/caption", content=body, headers={"content-type": "application/json"})
         if response.status_code != 200:
             return classify_refusal(response)
-        event, kind = response.json()["event_id"], None
-        with http.stream("GET", f"/call/caption/{event}") as stream:
-            for line in stream.iter_lines():
-                if line.startswith("event:"):
-                    kind = line[6:].strip()
-                elif line.startswith("data:") and kind in ("complete", "error"):
-                    value = json.loads(line[5:])
-                    if kind == "complete":
-                        return "caption"
-                    message = value.get("error") if isinstance(value, dict) else value
-                    return "sentence" if isinstance(message, str) and SENTENCE.fullmatch(message) else f"bad: error {message!r}"
-        return "bad: the event stream ended without a result"
+        kind, message = event_result(http, "caption", response.json()["event_id"])
+        if kind == "complete":
+            return "caption"
+        return "sentence" if isinstance(message, str) and SENTENCE.fullmatch(message) else f"bad: error {message!r}"
 
     def payload(self, http, body) -> str:
         if body == "too many files":
@@ -338,21 +330,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    if not (args.weights / "config.json").is_file():
-        print(f"error: no weights folder at {args.weights} (no config.json); pass --weights DIR", file=sys.stderr)
-        return 2
-    args.loadavg_start = loadavg()
-    try:
-        results = run(args)
-    except RuntimeError as exc:  # the app didn't start
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(report(results))
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"\nWrote {args.json} ({results['meta']['seconds']:.0f} s).")
-    return 0 if results["all_pass"] else 1
+    return run_and_report(parse_args(argv), run, report)
 
 
 if __name__ == "__main__":

@@ -457,8 +457,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def run_and_report(args: argparse.Namespace, run, report) -> int:
+    """The benchmarks' common main: run(args) against the app, print report(results), write them to --json.
+    Exit status 0 when every target passed, 1 when one failed, 2 when there is no model or the app didn't start."""
     if not (args.weights / "config.json").is_file():
         print(f"error: no weights folder at {args.weights} (no config.json); pass --weights DIR", file=sys.stderr)
         return 2
@@ -473,6 +474,10 @@ def main(argv=None) -> int:
     args.json.write_text(json.dumps(results, indent=2) + "\n")
     print(f"\nWrote {args.json} ({results['meta']['seconds']:.0f} s).")
     return 0 if results["all_pass"] else 1
+
+
+def main(argv=None) -> int:
+    return run_and_report(parse_args(argv), run, report)
 
 
 if __name__ == "__main__":

@@ -33,8 +33,6 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
-
 from .image import MAX_FILE_BYTES
 from .sandbox import DecodePool, DecoderBusyError
 

@@ -77,7 +77,7 @@ def test_explain_draws_the_word_asked_for(client, example_images):
     first = explain(client, example_images[0], *SETTINGS, word=0)
     last_index = len(first["words"]) - 1
     last = explain(client, example_images[0], *SETTINGS, word=last_index)
-    assert f"(word 1," in first["note"] and f"(word {last_index + 1}," in last["note"]
+    assert "(word 1," in first["note"] and f"(word {last_index + 1}," in last["note"]
     for word, message in [(last_index + 1, "The word to show must be a whole number from 0 to"), (-1, "from 0 to"), (1.5, "from 0 to"),
                           ("dog", "The word to show must be its position")]:
         with pytest.raises(AppError, match=message):

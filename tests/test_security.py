@@ -28,7 +28,7 @@ import pytest
 from gradio_client import Client, handle_file
 
 import app
-from benchmarks.app_process import app_process
+from benchmarks.app_process import app_process, event_result
 from captioner import InvalidImageError, sandbox, serving
 from captioner.image import MAX_FILE_BYTES, display_copy, load_image
 from captioner.sandbox import CRASH_MESSAGE, SLOW_MESSAGE, TEST_HOOKS, TEST_HOOKS_ENV, DecodePool
@@ -82,18 +82,8 @@ def call_with_body(http, body: str, api: str = "caption") -> Answer:
     response = http.post(f"/call/{api}", content=body, headers={"content-type": "application/json"})
     if response.status_code != 200:
         return Answer(response.status_code, False, _detail(response), time.monotonic() - start)
-    event = response.json()["event_id"]
-    kind = None
-    with http.stream("GET", f"/call/{api}/{event}") as stream:
-        for line in stream.iter_lines():
-            if line.startswith("event:"):
-                kind = line[6:].strip()
-            elif line.startswith("data:") and kind in ("complete", "error"):
-                value = json.loads(line[5:])
-                if kind == "error":
-                    value = value.get("error") if isinstance(value, dict) else value
-                return Answer(200, kind == "complete", value, time.monotonic() - start)
-    raise AssertionError("the event stream ended without a result")
+    kind, value = event_result(http, api, response.json()["event_id"])
+    return Answer(200, kind == "complete", value, time.monotonic() - start)
 
 
 def join(http, fn_index: int, data, queue: bool = True) -> Answer:
