@@ -7,14 +7,18 @@ give the pooled features (the map's global average), and the map itself when ask
 - OpenVINO compiles that same Keras model at load time (converted in memory, nothing
   exported by hand). On this project's 2-core CPU it encodes an image several times
   faster than TensorFlow (benchmarks/speed.py). Converting costs a few seconds, so the
-  converted model and OpenVINO's compiled blob are cached on disk, keyed by the model's
-  architecture and weights: a restart loads them in a fraction of a second.
+  converted model and OpenVINO's compiled blob are cached on disk, under a key that says
+  what the model computes (the encoder's name, weights checksum, defining sources and
+  versions: ImageEncoder.cache_key; for any other Keras model, a fingerprint of its layers
+  and weights). A restart finds them by that key without building the Keras model, or
+  importing Keras: it loads them in a fraction of a second.
 
 `CAPTIONER_BACKEND=openvino|tensorflow` chooses; the default is OpenVINO where it imports.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -24,9 +28,11 @@ import tempfile
 import threading
 import warnings
 from pathlib import Path
+from typing import Callable
 
-import keras
 import numpy as np
+
+from .lazy import import_tensorflow_quietly, keras
 
 log = logging.getLogger(__name__)
 
@@ -60,17 +66,19 @@ def backend_name(requested: str | None = None) -> str:
     return name
 
 
-def load_backend(feature_map_model: keras.Model, name: str | None = None) -> EncoderBackend:
-    """Run `feature_map_model` with the chosen backend; OpenVINO falls back to TensorFlow if it can't compile it."""
+def load_backend(build_model: Callable[[], keras.Model], name: str | None = None, cache_key: str | None = None) -> EncoderBackend:
+    """Run the Keras model `build_model()` gives with the chosen backend; OpenVINO falls back to TensorFlow if it
+    can't compile it. cache_key: what names the model in OpenVINO's cache (then it is built only if the cache
+    lacks it); None: the built model's fingerprint."""
     name = backend_name(name)
     if name == "openvino":
         try:
-            return OpenVINOBackend(feature_map_model)
+            return OpenVINOBackend(build_model, cache_key=cache_key)
         except ImportError as exc:
             log.warning("OpenVINO isn't installed (%s); the encoder runs on TensorFlow.", exc)
         except Exception as exc:  # an operation OpenVINO can't convert: TensorFlow runs every Keras model
-            log.warning("OpenVINO couldn't compile the %s encoder (%s); it runs on TensorFlow.", feature_map_model.name, exc)
-    return TensorFlowBackend(feature_map_model)
+            log.warning("OpenVINO couldn't compile the %s encoder (%s); it runs on TensorFlow.", build_model().name, exc)
+    return TensorFlowBackend(build_model())
 
 
 def _with_pooling(feature_map_model: keras.Model) -> keras.Model:
@@ -84,6 +92,7 @@ class TensorFlowBackend(EncoderBackend):
     name = "tensorflow"
 
     def __init__(self, feature_map_model: keras.Model):
+        import_tensorflow_quietly()
         import tensorflow as tf
 
         model = _with_pooling(feature_map_model)
@@ -105,13 +114,20 @@ class TensorFlowBackend(EncoderBackend):
 class OpenVINOBackend(EncoderBackend):
     name = "openvino"
 
-    def __init__(self, feature_map_model: keras.Model, cache_dir: str | os.PathLike | None = None):
+    def __init__(self, feature_map_model: keras.Model | Callable[[], keras.Model], cache_dir: str | os.PathLike | None = None,
+                 cache_key: str | None = None):
+        """feature_map_model: the Keras model, or a function that builds it, called only if the cache lacks it.
+        cache_key: names the model in the cache; None: the built model's fingerprint (model_fingerprint)."""
         import openvino as ov
 
         self.core = _core()
-        model = _with_pooling(feature_map_model)
+        given = None if callable(feature_map_model) and not hasattr(feature_map_model, "inputs") else feature_map_model
+
+        @functools.cache
+        def model() -> keras.Model:  # built (once) only when needed: for the fingerprint, or when the cache lacks the key
+            return _with_pooling(given if given is not None else feature_map_model())
         cache = Path(cache_dir) if cache_dir else default_cache_dir()
-        key = model_fingerprint(model, ov.__version__)
+        key = cache_key or model_fingerprint(model(), ov.__version__)
         self.cache_hit = False
         folder, config = cache / "openvino" / key, {**OPENVINO_CONFIG, "CACHE_DIR": str(cache / "openvino" / "compiled")}
         try:
@@ -126,18 +142,19 @@ class OpenVINOBackend(EncoderBackend):
                 self.compiled = self.core.compile_model(str(self._cached_ir(model, folder, ov)), "CPU", config)
         except OSError as exc:  # a read-only or full disk: compile without the cache, at the usual cost
             log.warning("The OpenVINO cache at %s can't be used (%s); compiling without it.", cache, exc)
-            self.compiled = self.core.compile_model(_convert(model), "CPU", OPENVINO_CONFIG)
+            self.compiled = self.core.compile_model(_convert(model()), "CPU", OPENVINO_CONFIG)
         # Which output is which: the pooled features have rank 2, the maps rank 4.
         ranks = [len(output.get_partial_shape()) for output in self.compiled.outputs]
         self._pooled_index, self._maps_index = ranks.index(2), ranks.index(4)
         self._requests = threading.local()  # an infer request serves one call at a time: one per thread
 
-    def _cached_ir(self, model: keras.Model, folder: Path, ov) -> Path:
-        """The converted model (OpenVINO IR) for `model`, converting it only if no earlier process did."""
+    def _cached_ir(self, build_model: Callable[[], keras.Model], folder: Path, ov) -> Path:
+        """The converted model (OpenVINO IR) in `folder`, building and converting it only if no earlier process did."""
         xml = folder / "encoder.xml"
         if xml.is_file() and (folder / "encoder.bin").is_file():
             self.cache_hit = True
             return xml
+        model = build_model()
         log.info("Converting the %s encoder to OpenVINO (once; cached in %s).", model.name, folder)
         folder.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))

@@ -13,13 +13,17 @@ and none has holes where a token was cut out later.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import keras
 import numpy as np
 from threadpoolctl import threadpool_limits
 
 from .vocabulary import Vocabulary, normalize_caption
+
+if TYPE_CHECKING:
+    import keras
 
 METHODS = ("greedy", "beam")
 # Beam search costs in proportion to its width; width 10 already scores below 3 and 5 on the dev split.
@@ -107,8 +111,10 @@ class StepDecoder:
     `tests/test_decoding.py` checks it against the Keras model's probabilities.
     """
 
-    def __init__(self, model: keras.Model):
-        weights = lambda name: [np.asarray(w, dtype=np.float32) for w in model.get_layer(name).get_weights()]  # noqa: E731
+    def __init__(self, model: keras.Model | Mapping[str, Sequence[np.ndarray]]):
+        """model: the Keras caption model, or its layers' weights by layer name (weights.read_decoder_weights)."""
+        layer_weights = model.__getitem__ if isinstance(model, Mapping) else lambda name: model.get_layer(name).get_weights()
+        weights = lambda name: [np.asarray(w, dtype=np.float32) for w in layer_weights(name)]  # noqa: E731
         self.image_kernel, self.image_bias = weights("image_dense")
         (embeddings,) = weights("word_embedding")
         kernel, self.recurrent_kernel, lstm_bias = weights("text_lstm")
@@ -117,14 +123,19 @@ class StepDecoder:
         self.decoder_kernel, self.decoder_bias = weights("decoder_dense")
         self.output_kernel, self.output_bias = weights("next_word")
         self.units = units = self.recurrent_kernel.shape[0]
-        # What `step` multiplies by: the gates' columns in the order input, forget, output, cell, and the
-        # three sigmoid gates' halved, so that one tanh over a row gives all four gates, as
-        # sigmoid(x) = (tanh(x / 2) + 1) / 2. Halving is exact in floating point: the logits are bit for bit
-        # those of the gate-by-gate form (Keras' order is input, forget, cell, output), with fewer NumPy calls.
+        # What `step` multiplies by: the gates in the order input, forget, output, cell, the three sigmoid
+        # gates' halved so that one tanh gives all four, as sigmoid(x) = (tanh(x / 2) + 1) / 2 (halving is exact
+        # in floating point: the same numbers as the gate-by-gate form, Keras' order input, forget, cell, output,
+        # with fewer NumPy calls). The recurrent kernel is stored gate by gate, (4, units, units): one np.matmul
+        # gives the four gates as (n, units) arrays, bit for bit the product by the whole (units, 4 * units)
+        # matrix, and faster for a few rows (for 5 rows ~55 us against ~140; see `_logits`).
         order = np.r_[0 : 2 * units, 3 * units : 4 * units, 2 * units : 3 * units]
         scale = np.repeat(np.array([0.5, 0.5, 0.5, 1.0], np.float32), units)
         self._step_token_gates = np.ascontiguousarray(self.token_gates[:, order] * scale)
-        self._step_recurrent_kernel = np.ascontiguousarray(self.recurrent_kernel[:, order] * scale)
+        self._step_recurrent_kernel = _column_blocks(self.recurrent_kernel[:, order] * scale, units)
+        # The output layer also in blocks of columns, for `_logits`.
+        self._output_kernel_blocks = _column_blocks(self.output_kernel, OUTPUT_BLOCK_COLUMNS)
+        self._output_bias_blocks = _column_blocks(self.output_bias[None], OUTPUT_BLOCK_COLUMNS)[:, 0]
 
     def project_image(self, features: np.ndarray) -> np.ndarray:
         """(n, feature_dim) features -> (n, units) image branch (dropout is off at inference)."""
@@ -135,16 +146,19 @@ class StepDecoder:
         return zeros, zeros.copy()
 
     def step(self, image: np.ndarray, tokens: np.ndarray, state: tuple[np.ndarray, np.ndarray]):
-        """One token per row -> (next-token logits (n, vocab), new state); softmax gives the model's probabilities."""
+        """One token per row -> (next-token logits (n, vocab), new state); softmax gives the model's probabilities.
+
+        image: (n, units) projected image branch, or (1, units) for rows that all show the same image.
+        """
         h, c = state
-        u = self.units
         gates = self._step_token_gates[tokens]  # a new array: the in-place steps below don't touch the table
-        gates += h @ self._step_recurrent_kernel
+        gates = gates.reshape(len(gates), 4, self.units).swapaxes(0, 1)  # a view, gate by gate: (4, n, units)
+        gates += np.matmul(h, self._step_recurrent_kernel)
         np.tanh(gates, out=gates)
-        sigmoids = gates[:, : 3 * u]
+        sigmoids = gates[:3]
         sigmoids *= 0.5
         sigmoids += 0.5
-        input_gate, forget_gate, output_gate, cell_input = (gates[:, i * u : (i + 1) * u] for i in range(4))
+        input_gate, forget_gate, output_gate, cell_input = gates
         c = forget_gate * c
         c += input_gate * cell_input
         h = np.tanh(c)
@@ -152,9 +166,41 @@ class StepDecoder:
         hidden = (image + h) @ self.decoder_kernel
         hidden += self.decoder_bias
         np.maximum(hidden, 0.0, out=hidden)
-        logits = hidden @ self.output_kernel
-        logits += self.output_bias
-        return logits, (h, c)
+        return self._logits(hidden), (h, c)
+
+    def _logits(self, hidden: np.ndarray) -> np.ndarray:
+        """hidden @ output_kernel + output_bias, computed block of columns by block for a few rows.
+
+        NumPy's OpenBLAS multiplies a few rows by a whole (256, vocab) matrix slowly: (5, 256) @ (256, 1564)
+        took ~200-240 us, the same product as 25 products by (256, 64) blocks of columns (one np.matmul over
+        the stacked blocks) ~95 us, here the same numbers bit for bit for the bundled model. One row (a vector
+        product) and many rows (a batch of images' beams) are as fast or faster whole.
+        """
+        rows = len(hidden)
+        if not 1 < rows <= MAX_ROWS_BY_BLOCKS:
+            logits = hidden @ self.output_kernel
+            logits += self.output_bias
+            return logits
+        by_block = np.matmul(hidden, self._output_kernel_blocks)  # (blocks, rows, columns of a block)
+        logits = np.empty((rows, *self._output_bias_blocks.shape), np.float32)
+        np.add(by_block.transpose(1, 0, 2), self._output_bias_blocks, out=logits)
+        return logits.reshape(rows, -1)[:, : self.output_kernel.shape[1]]  # without the last block's padding
+
+
+# `StepDecoder._logits`' blocks: of the widths measured (32 to 391 columns), 64 was about the fastest for 2 to 20
+# rows, where it took half the time of the whole matrix or less; from 32 rows on it was no faster
+# (artifacts/decode_bench.py --products).
+OUTPUT_BLOCK_COLUMNS = 64
+MAX_ROWS_BY_BLOCKS = 24
+
+
+def _column_blocks(matrix: np.ndarray, width: int) -> np.ndarray:
+    """(rows, columns) -> (blocks, rows, width): its columns in consecutive blocks, the last padded with zeros."""
+    rows, columns = matrix.shape
+    blocks = -(-columns // width)
+    padded = np.zeros((rows, blocks * width), np.float32)
+    padded[:, :columns] = matrix
+    return np.ascontiguousarray(padded.reshape(rows, blocks, width).transpose(1, 0, 2))
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
@@ -257,6 +303,8 @@ def greedy_decode(
     """
     n, prefix = len(image), prefix_ids(vocab, options.prefix)
     steps = options.max_new_tokens or max_new_tokens
+    if n == 1:
+        return [_greedy_one_image(step_decoder, vocab, image, options, prefix, steps)]
     state, logits, log_probs = _start(step_decoder, vocab, image, prefix)
     captions = np.empty((n, len(prefix) + steps), np.int64)
     captions[:, : len(prefix)] = prefix
@@ -282,6 +330,28 @@ def greedy_decode(
     return [Hypothesis(tuple(captions[i, : lengths[i]].tolist()), float(log_probs[i])) for i in range(n)]
 
 
+def _greedy_one_image(
+    step_decoder: StepDecoder, vocab: Vocabulary, image: np.ndarray, options: DecodingOptions, prefix: tuple[int, ...], steps: int
+) -> Hypothesis:
+    """greedy_decode for one image (the app's case): the same tokens and sum, without the batch's bookkeeping
+    of which rows go on, about 10 NumPy calls a step: ~10% of greedy's time for one image (artifacts/decode_bench.py).
+    tests/test_decoding_reference.py checks both paths against the reference decoder."""
+    state, logits, log_probs = _start(step_decoder, vocab, image, prefix)
+    caption, log_prob = list(prefix), float(log_probs[0])
+    for step in range(steps):
+        if step:
+            logits, state = step_decoder.step(image, np.array([token]), state)
+        step_log_probs = allowed_log_probs(logits, vocab, first_step=not prefix and step == 0)
+        if options.no_repeat_ngram_size:
+            forbid_repeated_ngrams(step_log_probs, np.array([caption], np.int64), options.no_repeat_ngram_size)
+        token = int(step_log_probs[0].argmax())
+        log_prob += float(step_log_probs[0, token])
+        caption.append(token)
+        if token == vocab.end_id:
+            break
+    return Hypothesis(tuple(caption), log_prob)
+
+
 def length_normalised(log_prob: float, length: int, alpha: float) -> float:
     return log_prob / ((5.0 + length) / 6.0) ** alpha if alpha else log_prob
 
@@ -302,6 +372,8 @@ def beam_search_decode(
     """
     n, k, prefix = len(image), options.beam_width, prefix_ids(vocab, options.prefix)
     steps = options.max_new_tokens or max_new_tokens
+    if n == 1:
+        return [_beam_search_one_image(step_decoder, vocab, image, options, prefix, steps)]
     state, logits, scores = _start(step_decoder, vocab, image, prefix)
     vocab_size, end = logits.shape[1], vocab.end_id
     # Live beams of all images, flattened and grouped by image: row r belongs to image owner[r].
@@ -334,12 +406,7 @@ def beam_search_decode(
             beam = np.arange(len(owner)) - np.repeat(starts, beams)
             per_image[np.repeat(np.arange(len(images)), beams), beam] = candidate_scores
             per_image = per_image.reshape(len(images), -1)
-        # Its 2k best, best first: enough that k go on even if k others end here.
-        first_of_top = max(per_image.shape[1] - 2 * k, 0)
-        top = np.argpartition(per_image, first_of_top, axis=1)[:, first_of_top:]
-        image_row = np.arange(len(images))[:, None]
-        top = top[image_row, np.argsort(-per_image[image_row, top], axis=1, kind="stable")]
-        top_scores = per_image[image_row, top]
+        top, top_scores = _best_candidates(per_image, 2 * k)  # enough that k go on even if k others end here
         rows, tokens = starts[:, None] + top // vocab_size, top % vocab_size
 
         # The walk down each row: stop at the first impossible candidate or once k captions go on.
@@ -378,3 +445,54 @@ def beam_search_decode(
                 for s in range(finished_count[i])]
         results.append(sorted(hyps, key=lambda hyp: length_normalised(hyp.log_prob, len(hyp.tokens), alpha), reverse=True))
     return results
+
+
+def _best_candidates(per_image: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """(images, candidates) scores -> each row's `count` best (their indices, their scores), best first."""
+    first_of_top = max(per_image.shape[1] - count, 0)
+    top = np.argpartition(per_image, first_of_top, axis=1)[:, first_of_top:]
+    image_row = np.arange(len(per_image))[:, None]
+    top = top[image_row, np.argsort(-per_image[image_row, top], axis=1, kind="stable")]
+    return top, per_image[image_row, top]
+
+
+def _beam_search_one_image(
+    step_decoder: StepDecoder, vocab: Vocabulary, image: np.ndarray, options: DecodingOptions, prefix: tuple[int, ...], steps: int
+) -> list[Hypothesis]:
+    """beam_search_decode for one image (the app's case): the same choices, with the walk down its 2k best
+    candidates in Python. The batch's array bookkeeping, about 40 NumPy calls a step, took ~20% of beam 5's
+    time for one image (~0.1 ms a step); for one image's 2k candidates plain Python takes a few microseconds.
+    tests/test_decoding_reference.py checks both paths against the reference decoder.
+    """
+    k, end = options.beam_width, vocab.end_id
+    state, logits, scores = _start(step_decoder, vocab, image, prefix)
+    captions = [prefix]  # the live beams' tokens so far
+    finished: list[Hypothesis] = []
+    for step in range(steps):
+        if step:
+            logits, state = step_decoder.step(image, tokens, state)  # the image's one row serves every beam
+        step_log_probs = allowed_log_probs(logits, vocab, first_step=not prefix and step == 0)
+        if options.no_repeat_ngram_size:
+            forbid_repeated_ngrams(step_log_probs, np.array(captions, np.int64), options.no_repeat_ngram_size)
+        candidate_scores = (scores[:, None] + step_log_probs).reshape(1, -1)
+        top, top_scores = _best_candidates(candidate_scores, 2 * k)
+        rows, next_tokens, next_scores = [], [], []
+        for candidate, score in zip(top[0].tolist(), top_scores[0].tolist()):
+            if not math.isfinite(score):
+                break
+            row, token = divmod(candidate, logits.shape[1])
+            if token == end or step == steps - 1:  # at the budget every caption ends
+                if len(finished) < k:
+                    finished.append(Hypothesis(captions[row] + (token,), score))
+            else:
+                rows.append(row)
+                next_tokens.append(token)
+                next_scores.append(score)
+                if len(rows) == k:  # only endings that outrank the k-th live caption count
+                    break
+        if len(finished) == k or not rows:
+            break
+        captions = [captions[row] + (token,) for row, token in zip(rows, next_tokens)]
+        tokens, scores, state = np.array(next_tokens), np.array(next_scores), (state[0][rows], state[1][rows])
+    alpha = options.length_penalty
+    return sorted(finished, key=lambda hyp: length_normalised(hyp.log_prob, len(hyp.tokens), alpha), reverse=True)

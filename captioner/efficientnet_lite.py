@@ -23,9 +23,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import keras
 import numpy as np
-from keras import layers
+
+from .lazy import keras, layers  # imported on first use: serving runs OpenVINO's cached model
 
 
 @dataclass(frozen=True)

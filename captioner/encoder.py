@@ -8,17 +8,23 @@ with OpenVINO or TensorFlow.
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
+import json
 import random
+import sys
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Callable
 
-import keras
 import numpy as np
 
-from . import efficientnet_lite
+from . import backends, efficientnet_lite
 from .backends import load_backend
 from .image import prepare_images
+from .lazy import keras  # imported on first use: a cached OpenVINO encoder runs without it
+from .weights import sha256
 
 # Images per encoder call: bounds memory. On a 2-core CPU, MobileNetV2 ran 20-40% faster per image in
 # batches of 4-8 than of 32 (smaller activations stay in the cache): see benchmarks/speed.py's batch figures.
@@ -35,30 +41,41 @@ class EncoderSpec:
     feature_dim: int  # channels of the last feature map
 
 
-def keras_application(constructor, input_size: tuple[int, int], **options) -> Callable[[str | Path | None], keras.Model]:
-    """A keras.applications CNN without its classifier, as an EncoderSpec.build."""
+# keras.applications' three ways to preprocess pixels 0..255 (imagenet_utils' "tf", "caffe" and "torch" modes), in
+# NumPy with the same float32 arithmetic, so that serving needs no Keras: tests/test_backends.py checks they equal Keras'.
+def scale_to_unit_range(pixels: np.ndarray) -> np.ndarray:
+    """ "tf": -1..1."""
+    return pixels / 127.5 - 1.0
+
+
+def caffe_preprocessing(pixels: np.ndarray) -> np.ndarray:
+    """ "caffe": BGR, each channel centred on its ImageNet mean."""
+    return pixels[..., ::-1] - np.array([103.939, 116.779, 123.68], np.float32)
+
+
+def torch_preprocessing(pixels: np.ndarray) -> np.ndarray:
+    """ "torch": 0..1, each channel standardised by its ImageNet mean and deviation."""
+    return (pixels / 255.0 - np.array([0.485, 0.456, 0.406], np.float32)) / np.array([0.229, 0.224, 0.225], np.float32)
+
+
+def keras_application(constructor: str, preprocess_input, input_size: tuple[int, int], feature_dim: int, **options) -> EncoderSpec:
+    """A keras.applications CNN without its classifier, by name: looked up when first built, so that listing
+    the encoders doesn't import Keras (lazy.py)."""
     width, height = input_size
-    return lambda weights: constructor(include_top=False, weights=weights, input_shape=(height, width, 3), **options)
+
+    def build(weights: str | Path | None) -> keras.Model:
+        return getattr(keras.applications, constructor)(include_top=False, weights=weights, input_shape=(height, width, 3), **options)
+
+    return EncoderSpec(build, preprocess_input, input_size, feature_dim)
 
 
 # Adding an encoder is one entry here (plus training a decoder on its features).
 ENCODERS: dict[str, EncoderSpec] = {
-    "resnet50": EncoderSpec(
-        keras_application(keras.applications.ResNet50, (224, 224)), keras.applications.resnet50.preprocess_input, (224, 224), 2048
-    ),
-    "mobilenet_v2": EncoderSpec(
-        keras_application(keras.applications.MobileNetV2, (224, 224), alpha=0.5),
-        keras.applications.mobilenet_v2.preprocess_input, (224, 224), 1280,
-    ),
-    "inception_v3": EncoderSpec(
-        keras_application(keras.applications.InceptionV3, (299, 299)), keras.applications.inception_v3.preprocess_input, (299, 299), 2048
-    ),
-    "xception": EncoderSpec(
-        keras_application(keras.applications.Xception, (299, 299)), keras.applications.xception.preprocess_input, (299, 299), 2048
-    ),
-    "densenet201": EncoderSpec(
-        keras_application(keras.applications.DenseNet201, (224, 224)), keras.applications.densenet.preprocess_input, (224, 224), 1920
-    ),
+    "resnet50": keras_application("ResNet50", caffe_preprocessing, (224, 224), 2048),
+    "mobilenet_v2": keras_application("MobileNetV2", scale_to_unit_range, (224, 224), 1280, alpha=0.5),
+    "inception_v3": keras_application("InceptionV3", scale_to_unit_range, (299, 299), 2048),
+    "xception": keras_application("Xception", scale_to_unit_range, (299, 299), 2048),
+    "densenet201": keras_application("DenseNet201", torch_preprocessing, (224, 224), 1920),
     # EfficientNet-Lite0/1/2 (efficientnet_lite.py): keras.applications has none, so their ImageNet weights are a
     # file, converted by training/convert_encoder.py and carried by the weights folder (encoder.weights.h5).
     **{
@@ -82,10 +99,18 @@ class ImageEncoder:
         """backend: "openvino" or "tensorflow"; None: $CAPTIONER_BACKEND, else OpenVINO where it imports (backends.py)."""
         if name not in ENCODERS:
             raise ValueError(f"unknown encoder '{name}'; known: {', '.join(ENCODERS)}")
-        self.name, self.spec = name, ENCODERS[name]
-        self.feature_map_model = _build_reproducibly(self.spec, weights)
-        self.feature_map_model.trainable = False
-        self.backend = load_backend(self.feature_map_model, backend)
+        self.name, self.spec, self.weights = name, ENCODERS[name], weights
+        # OpenVINO finds a compiled encoder in its cache by this key alone: a restart runs it without building
+        # the Keras model, or importing Keras at all.
+        self.backend = load_backend(lambda: self.feature_map_model, backend, cache_key=encoder_cache_key(name, weights))
+
+    @cached_property
+    def feature_map_model(self) -> keras.Model:
+        """The Keras CNN (pixels -> last feature map), built on first use: the TensorFlow backend's model,
+        and what OpenVINO converts when its cache lacks this encoder."""
+        model = _build_reproducibly(self.spec, self.weights)
+        model.trainable = False
+        return model
 
     @property
     def feature_dim(self) -> int:
@@ -107,6 +132,23 @@ class ImageEncoder:
     def encode_pixels(self, pixels: np.ndarray, feature_maps: bool = False):
         """(n, h, w, 3) resized RGB pixels 0..255 -> (n, C) features, or (features, (n, h', w', C) feature maps)."""
         return self.backend(self.spec.preprocess_input(np.array(pixels, dtype=np.float32)), feature_maps)
+
+
+def encoder_cache_key(name: str, weights: str | Path | None) -> str:
+    """What an encoder computes, known without building it: the encoder's name and weights (a file by its
+    checksum), the source files that define the network, and the versions of what converts it."""
+    weights = "random" if weights is None else "imagenet" if weights == "imagenet" else sha256(Path(weights))
+    digest = hashlib.sha256(json.dumps([name, weights, *map(_version, ("keras", "openvino"))]).encode())
+    for module in (efficientnet_lite, backends, sys.modules[__name__]):  # the network, pooling and conversion, the registry
+        digest.update(Path(module.__file__).read_bytes())
+    return digest.hexdigest()[:32]
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "none"
 
 
 def _build_reproducibly(spec: EncoderSpec, weights: str | Path | None) -> keras.Model:

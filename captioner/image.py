@@ -311,14 +311,14 @@ def _rgb_from_array(array: np.ndarray, max_pixels: int) -> Image.Image:
 
 
 def resize_for_encoder(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
-    """Squash (no crop) to the encoder's input size with bilinear filtering, as Keras' load_img does.
+    """Squash (no crop) to the encoder's input size with bilinear filtering, as Keras' load_img does: (h, w, 3) uint8.
 
     Images over 2 * DOWNSCALE_GAP times `size` are box-reduced first (see DOWNSCALE_GAP):
     this bounds the filter's memory and time for extreme shapes such as 40,000,000x1.
     """
     if image.size != size:
         image = image.resize(size, Image.BILINEAR, reducing_gap=DOWNSCALE_GAP)
-    return np.asarray(image, dtype=np.float32)
+    return np.asarray(image)  # uint8: what the decode workers send (floats cost a third of a 224x224 JPEG's decode)
 
 
 def display_copy(photo: Image.Image, max_side: int) -> Image.Image:
@@ -336,7 +336,7 @@ def prepare_pixels(image: ImageInput, size: tuple[int, int]) -> np.ndarray:
 
     What a decode worker (sandbox.py) sends back; `Captioner.caption` takes the array as it is.
     """
-    return resize_for_encoder(load_image(image, target_size=size), size).astype(np.uint8)
+    return resize_for_encoder(load_image(image, target_size=size), size)
 
 
 def prepare_images(images, size: tuple[int, int]) -> np.ndarray:
@@ -344,4 +344,4 @@ def prepare_images(images, size: tuple[int, int]) -> np.ndarray:
 
     The encoder's own `preprocess_input` follows in ImageEncoder.encode_pixels (encoder.py).
     """
-    return np.stack([resize_for_encoder(load_image(image, target_size=size), size) for image in images])
+    return np.stack([resize_for_encoder(load_image(image, target_size=size), size) for image in images]).astype(np.float32)

@@ -5,19 +5,20 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
-import keras
 import numpy as np
 
 from .decoding import DecodingOptions, Hypothesis, StepDecoder, decode, length_normalised, prefix_ids
 from .encoder import ENCODERS, ImageEncoder
 from .explain import Explanation, explain_image
+from .lazy import keras
 from .model import ModelConfig, build_caption_model
 from .vocabulary import Vocabulary
-from .weights import BUNDLED_WEIGHTS, WEIGHTS_FILE, WeightsError, WeightsFolder, download_from_hub, load_vocabulary, read_folder
+from .weights import BUNDLED_WEIGHTS, WeightsError, WeightsFolder, download_from_hub, load_vocabulary, read_decoder_weights, read_folder
 
 log = logging.getLogger(__name__)
 
@@ -38,16 +39,31 @@ def caption_from_hypotheses(vocab: Vocabulary, hypotheses: list[Hypothesis], opt
 
 
 class Captioner:
-    def __init__(self, model: keras.Model, vocab: Vocabulary, config: ModelConfig,
+    def __init__(self, model: keras.Model | Mapping[str, Sequence[np.ndarray]], vocab: Vocabulary, config: ModelConfig,
                  encoder_weights: str | Path | None = "imagenet", weights: WeightsFolder | None = None):
-        """encoder_weights: what ImageEncoder loads when the encoder is first needed ("imagenet", a file, None: random)."""
+        """model: the Keras caption model, or its layers' weights by name (what from_folder reads, without Keras).
+
+        encoder_weights: what ImageEncoder loads when the encoder is first needed ("imagenet", a file, None: random).
+        """
         if len(vocab) != config.vocab_size:
             raise ValueError(f"vocabulary has {len(vocab)} ids, config says {config.vocab_size}")
         if config.encoder not in ENCODERS:
             raise WeightsError(f"Unknown encoder '{config.encoder}'; known: {', '.join(ENCODERS)}.")
-        self.model, self.vocab, self.config, self.weights = model, vocab, config, weights
+        self.vocab, self.config, self.weights = vocab, config, weights
         self.encoder_weights = encoder_weights
-        self.step_decoder = StepDecoder(model)
+        self.step_decoder = StepDecoder(model)  # all that captioning needs of the network
+        if isinstance(model, Mapping):
+            self._layer_weights = model
+        else:
+            self.model = model  # (set before model's first use, it takes the cached property's place)
+
+    @cached_property
+    def model(self) -> keras.Model:
+        """The Keras caption model (training and tests use it), built on first use: captioning never needs it."""
+        model = build_caption_model(self.config)
+        for name, arrays in self._layer_weights.items():
+            model.get_layer(name).set_weights(arrays)
+        return model
 
     # ---- loading ------------------------------------------------------------------------
 
@@ -79,14 +95,9 @@ class Captioner:
         if config.encoder not in ENCODERS:
             raise WeightsError(f"Unknown encoder '{config.encoder}' in {folder.path}; known: {', '.join(ENCODERS)}.")
         vocab = load_vocabulary(folder)
-        model = build_caption_model(config)
-        try:
-            model.load_weights(folder.path / WEIGHTS_FILE)
-        except Exception as exc:  # shape mismatch, broken HDF5
-            raise WeightsError(f"{folder.path / WEIGHTS_FILE} does not fit the model in config.json: {exc}") from None
         # The encoder's weights: the folder's own encoder.weights.h5 if it has one, else keras.applications' ImageNet ones.
         encoder_weights = None if folder.encoder_weights == "random" else folder.encoder_file or "imagenet"
-        return cls(model, vocab, config, encoder_weights, folder)
+        return cls(read_decoder_weights(folder), vocab, config, encoder_weights, folder)
 
     @cached_property
     def encoder(self) -> ImageEncoder:

@@ -17,9 +17,9 @@ runs the trained weights one token at a time for inference.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-import keras
 import numpy as np
-from keras import layers
+
+from .lazy import keras, layers  # imported on first use: serving decodes without Keras
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,18 @@ class ModelConfig:
     def max_new_tokens(self) -> int:
         """The most tokens decoding generates by default: <end> included, <start> (given) not."""
         return self.context_length - 1
+
+    def weight_shapes(self) -> dict[str, list[tuple[int, ...]]]:
+        """Each layer's weight shapes in build_caption_model's network, by layer name (the others have none):
+        what a weights file is checked against before its arrays are read."""
+        u, lstm = self.units, 4 * self.units  # the LSTM's four gates side by side
+        return {
+            "image_dense": [(self.feature_dim, u), (u,)],
+            "word_embedding": [(self.vocab_size, self.embedding_dim)],
+            "text_lstm": [(self.embedding_dim, lstm), (u, lstm), (lstm,)],  # input kernel, recurrent kernel, bias
+            "decoder_dense": [(u, u), (u,)],
+            "next_word": [(u, self.vocab_size), (self.vocab_size,)],
+        }
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -407,7 +407,7 @@ def _worker_main(memory_bytes: int, deadline_s: float) -> None:
             if test_hooks:
                 _run_test_hook(data)
             photo = image.load_image(data, target_size=(width, height))
-            pixels = image.resize_for_encoder(photo, (width, height)).astype(np.uint8).tobytes()
+            pixels = image.resize_for_encoder(photo, (width, height)).tobytes()
             if display_max_side:
                 display = image.display_copy(photo, display_max_side)
                 pixels += DISPLAY_SIZE.pack(*display.size) + np.asarray(display, np.uint8).tobytes()

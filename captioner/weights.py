@@ -21,6 +21,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from .model import ModelConfig
 from .vocabulary import SPECIAL_TOKENS, Vocabulary
 
@@ -134,6 +136,33 @@ def load_vocabulary(folder: WeightsFolder) -> Vocabulary:
     if len(vocab) != folder.config.vocab_size:
         raise WeightsError(f"{folder.path}: vocab.json has {len(vocab)} ids but config.json says {folder.config.vocab_size}.")
     return vocab
+
+
+def read_decoder_weights(folder: WeightsFolder) -> dict[str, list[np.ndarray]]:
+    """decoder.weights.h5 -> each layer's weights by layer name, read with h5py: serving needs no Keras.
+
+    Keras' .weights.h5 keeps a layer's arrays under layers/<its own key>/vars/0, 1, ... (an LSTM's under
+    .../cell/vars), with the layer's name as the `name` attribute of its vars group. Every shape is checked
+    against config.json before any array is read.
+    """
+    import h5py
+
+    path, expected = folder.path / WEIGHTS_FILE, folder.config.weight_shapes()
+    try:
+        with h5py.File(path, "r") as file:
+            found = {}
+            for group in file["layers"].values():
+                name = group["vars"].attrs.get("name") if "vars" in group else None
+                if name in expected:
+                    variables = group["cell/vars"] if "cell/vars" in group else group["vars"]
+                    found[name] = [variables[str(i)] for i in range(len(variables))]
+            for name, shapes in expected.items():
+                shapes_found = [tuple(array.shape) for array in found.get(name, [])]
+                if shapes_found != shapes:
+                    raise ValueError(f"layer '{name}' has weights of shapes {shapes_found or 'none'}, not {shapes}")
+            return {name: [np.asarray(array[()], np.float32) for array in found[name]] for name in expected}
+    except (OSError, KeyError, ValueError, TypeError) as exc:  # not HDF5, not Keras' layout, other shapes
+        raise WeightsError(f"{path} does not fit the model in {CONFIG_FILE}: {exc}") from None
 
 
 def download_from_hub(repo_id: str, revision: str | None = None) -> WeightsFolder:

@@ -3,13 +3,16 @@ and captions, for any Keras model, and its compiled model is cached on disk betw
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import keras
 import numpy as np
 import pytest
 
 from captioner import backends
 from captioner.backends import OpenVINOBackend, TensorFlowBackend, backend_name, model_fingerprint
-from captioner.encoder import ImageEncoder
+from captioner.encoder import ENCODERS, ImageEncoder, encoder_cache_key
 from tests.conftest import ROOT
 
 
@@ -77,6 +80,47 @@ def test_fingerprint_tells_models_apart_but_not_rebuilds():
     assert model_fingerprint(small_cnn()) == model_fingerprint(small_cnn())
     assert model_fingerprint(small_cnn()) != model_fingerprint(small_cnn(seed=3))
     assert model_fingerprint(small_cnn(), "2026.4") != model_fingerprint(small_cnn(), "2026.5")
+
+
+def test_the_encoders_cache_key_says_what_it_computes_without_building_it(tiny_weights, tmp_path):
+    lite = ROOT / "weights" / "encoder.weights.h5"
+    encoders = [("mobilenet_v2", None), ("mobilenet_v2", "imagenet"), ("efficientnet_lite0", lite)]
+    keys = [encoder_cache_key(name, weights) for name, weights in encoders]
+    assert len(set(keys)) == len(keys)  # each encoder and weights its own
+    copy = tmp_path / "encoder.weights.h5"
+    copy.write_bytes(lite.read_bytes())
+    assert encoder_cache_key("efficientnet_lite0", copy) == keys[2]  # a file counts by its content
+    copy.write_bytes(lite.read_bytes()[:-1] + b"x")
+    assert encoder_cache_key("efficientnet_lite0", copy) != keys[2]
+
+
+@pytest.mark.parametrize("name, module", [("resnet50", "resnet50"), ("mobilenet_v2", "mobilenet_v2"),
+                                          ("inception_v3", "inception_v3"), ("xception", "xception"), ("densenet201", "densenet")])
+def test_each_keras_encoders_preprocessing_is_keras_own(name, module):
+    pixels = np.random.default_rng(5).uniform(0, 255, (2, 9, 7, 3)).astype(np.float32)
+    expected = getattr(keras.applications, module).preprocess_input(pixels.copy())
+    np.testing.assert_array_equal(ENCODERS[name].preprocess_input(pixels), expected)
+
+
+SERVE = """
+import sys
+from captioner import Captioner
+captioner = Captioner.from_pretrained(sys.argv[1])
+print(captioner.caption(sys.argv[2]).text)
+print(captioner.encoder.backend.cache_hit, "keras" in sys.modules, "tensorflow" in sys.modules)
+"""
+
+
+def test_a_restart_serves_from_the_cache_without_keras_or_tensorflow(cache, example_images):
+    """The first process builds the encoder in Keras and converts it; the next one imports neither (a cold
+    start of about a second instead of ten)."""
+    run = lambda: subprocess.run([sys.executable, "-c", SERVE, str(ROOT / "weights"), str(example_images[0])],  # noqa: E731
+                                 cwd=ROOT, capture_output=True, text=True, check=True, timeout=300).stdout.splitlines()
+    first_caption, first_facts = run()
+    assert first_facts == "False True True"  # converted, with Keras and TensorFlow
+    caption, facts = run()
+    assert facts == "True False False"  # from the cache, with neither
+    assert caption == first_caption
 
 
 def test_the_backend_is_chosen_by_the_environment(monkeypatch):
