@@ -252,9 +252,11 @@ def test_sessions_do_not_keep_request_inputs(http, served):
     for _ in range(4):  # the allocator's high-water mark for requests this size (50 MB or so), reused from then on
         send()
     baseline = process.memory_info().rss
-    for _ in range(16):  # each from a new session
+    for _ in range(24):  # each from a new session
         send()
-    assert process.memory_info().rss - baseline < 64e6  # 16 sessions keeping 8 MB each would be 128 MB and more
+    # 24 sessions keeping 8 MB each would be 192 MB and more; the allocator's own growth over such requests
+    # measured 50-75 MB, so the bound sits between the two.
+    assert process.memory_info().rss - baseline < 128e6
 
 
 # ---- F6: a URL as a path ------------------------------------------------------------------------
