@@ -9,7 +9,7 @@ give the pooled features (the map's global average), and the map itself when ask
   faster than TensorFlow (benchmarks/speed.py). Converting costs a few seconds, so the
   converted model and OpenVINO's compiled blob are cached on disk, under a key that says
   what the model computes (the encoder's name, weights checksum, defining sources and
-  versions: ImageEncoder.cache_key; for any other Keras model, a fingerprint of its layers
+  versions: encoder.encoder_cache_key; for any other Keras model, a fingerprint of its layers
   and weights). A restart finds them by that key without building the Keras model, or
   importing Keras: it loads them in a fraction of a second.
 

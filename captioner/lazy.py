@@ -18,6 +18,11 @@ import types
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ warnings are not for users
 
 
+# One thread imports at a time: two threads importing TensorFlow at once (a batch actor's two batches) can
+# see each other's half-initialised modules and fail.
+_first_import = threading.RLock()
+
+
 def import_tensorflow_quietly() -> None:
     """Import TensorFlow with the process's stderr closed for the moment.
 
@@ -39,11 +44,6 @@ def import_tensorflow_quietly() -> None:
             os.dup2(saved, 2)
             os.close(saved)
             os.close(devnull)
-
-
-# One thread imports at a time: two threads importing TensorFlow at once (a batch actor's two batches) can
-# see each other's half-initialised modules and fail.
-_first_import = threading.RLock()
 
 
 class LazyModule(types.ModuleType):
