@@ -488,8 +488,8 @@ def main(argv=None) -> int:
     done = counts["captioned"] + counts["errors"]
     seconds = time.perf_counter() - started if done else 0.0
     rate = f" in {seconds:.1f} s ({done / seconds:.1f} images/s)" if done else ""
-    print(f"{counts['captioned']} captioned, {counts['errors']} could not be read (their errors are in {args.out}){rate}.",
-          file=sys.stderr)
+    where = f" (their errors are in {args.out})" if counts["errors"] else ""
+    print(f"{counts['captioned']} captioned, {counts['errors']} could not be read{where}{rate}.", file=sys.stderr)
     return 0
 
 
