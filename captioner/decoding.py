@@ -203,10 +203,6 @@ def _column_blocks(matrix: np.ndarray, width: int) -> np.ndarray:
     return np.ascontiguousarray(padded.reshape(rows, blocks, width).transpose(1, 0, 2))
 
 
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 0.5 * (np.tanh(0.5 * x) + 1.0)  # overflow-free form of 1 / (1 + exp(-x)); StepDecoder.step inlines it
-
-
 def limit_blas_threads() -> None:
     """Make NumPy's BLAS single-threaded, for the whole process: the entry points (app, CLI, batch job,
     benchmarks) call it once.

@@ -82,7 +82,7 @@ def test_fingerprint_tells_models_apart_but_not_rebuilds():
     assert model_fingerprint(small_cnn(), "2026.4") != model_fingerprint(small_cnn(), "2026.5")
 
 
-def test_the_encoders_cache_key_says_what_it_computes_without_building_it(tiny_weights, tmp_path):
+def test_the_encoders_cache_key_says_what_it_computes_without_building_it(tmp_path):
     lite = ROOT / "weights" / "encoder.weights.h5"
     encoders = [("mobilenet_v2", None), ("mobilenet_v2", "imagenet"), ("efficientnet_lite0", lite)]
     keys = [encoder_cache_key(name, weights) for name, weights in encoders]
