@@ -8,11 +8,11 @@ them). Without trained weights the page still opens and says how to get them.
 
 Robustness notes:
 * The caption events run with `preprocess=False`, so our functions receive Gradio's raw payload, and
-  `captioner.serving` decides what they may read: only files uploaded to Gradio's cache, or an example
+  `webapp.uploads` decides what they may read: only files uploaded to Gradio's cache, or an example
   the server lists, chosen by its index (the gallery sends nothing else). gr.Image's own preprocessing
   would open any path with PIL, in the server.
 * Every image is decoded in a `captioner.sandbox` worker process with a deadline and a memory limit,
-  so a crafted file costs one request, never the server. `serving.RequestLimits` bounds every request
+  so a crafted file costs one request, never the server. `middleware.RequestLimits` bounds every request
   before Gradio reads it (body size and pace, files per upload, the payload's shape).
 * Each request's cost is bounded: at most CONCURRENCY captions run at once, with up to QUEUE_SIZE
   requests waiting; the queue is the only way in (`api_open=False`).
@@ -34,12 +34,14 @@ import gradio as gr
 import numpy as np
 from PIL import Image
 
-from captioner import Captioner, WeightsError, serving
+from captioner import Captioner, WeightsError
 from captioner.cli import add_model_arguments, check_model_arguments
 from captioner.decoding import BEAM_WIDTHS, LENGTH_PENALTIES, DecodingOptions, limit_blas_threads
-from captioner.collection import caption_photos, write_csv, write_json
 from captioner.explain import OVERLAY_MAX_SIDE, Explanation, overlay
 from captioner.image import IMAGE_SUFFIXES, MAX_FILE_BYTES
+from webapp import middleware, uploads
+from webapp.many_photos import caption_photos, write_csv, write_json
+from webapp.uploads import RequestError
 
 log = logging.getLogger("app")
 
@@ -94,10 +96,6 @@ CSS = """
 /* The gallery keeps a 320 px box even for one row of photos; let it fit them, and scroll past 3 rows. */
 #batch-gallery .grid-wrap { min-height: 0 !important; max-height: 560px; overflow-y: auto; }
 """
-
-
-class RequestError(ValueError):
-    """A request the app can't serve; the message is for the user."""
 
 
 # ---- pure helpers (no Gradio state) -----------------------------------------------------------
@@ -163,7 +161,7 @@ def chosen_word(word, explanation: Explanation) -> int:
     try:
         index = float(word)
     except (TypeError, ValueError):
-        raise RequestError(f"The word to show must be its position in the caption (0, 1, ...), not {serving.for_log(repr(word), 40)}.") from None
+        raise RequestError(f"The word to show must be its position in the caption (0, 1, ...), not {uploads.for_log(repr(word), 40)}.") from None
     count = len(explanation.words)
     if not math.isfinite(index) or index != int(index) or not 0 <= index < count:
         raise RequestError(f"The word to show must be a whole number from 0 to {count - 1}: the caption has {count} words.")
@@ -304,8 +302,8 @@ def build_demo(captioner: Captioner | None, unavailable_reason: str | None = Non
         unavailable = reason if "training.run_all" in reason else f"{reason} {FIX_WEIGHTS_HINT}"
 
     examples = example_images()
-    # The request's image -> pixels: serving's checks, then a decode worker (the pool starts here, once).
-    images = serving.RequestImages(captioner.encoder.input_size, examples) if captioner else None
+    # The request's image -> pixels: webapp.uploads' checks, then a decode worker (the pool starts here, once).
+    images = uploads.RequestImages(captioner.encoder.input_size, examples) if captioner else None
 
     def caption_pixels(pixels_of, method, beam_width, max_length, length_penalty, prefix=None):
         """The one caption path for uploads and examples alike: pixels_of() gives the checked, decoded image."""
@@ -331,8 +329,8 @@ def build_demo(captioner: Captioner | None, unavailable_reason: str | None = Non
                 raise RequestError(f"{NOT_LOADED} {unavailable}")
             return work()
         except ValueError as exc:  # InvalidImageError, RequestError and DecodingOptions' checks
-            log.info("Rejected a request: %s", serving.for_log(exc))
-            raise user_error(serving.user_message(exc)) from None
+            log.info("Rejected a request: %s", uploads.for_log(exc))
+            raise user_error(uploads.user_message(exc)) from None
         except Exception:
             log.exception("Captioning failed")
             raise user_error(GENERIC_ERROR) from None
@@ -426,7 +424,7 @@ def build_demo(captioner: Captioner | None, unavailable_reason: str | None = Non
         )
         return [method, beam_width, max_length, length_penalty, prefix]
 
-    with gr.Blocks(title="Image captioner", **serving.BLOCKS_OPTIONS) as demo:
+    with gr.Blocks(title="Image captioner", **middleware.BLOCKS_OPTIONS) as demo:
         gr.Markdown(
             "# Image captioner\n"
             "A CNN reads the photo and an LSTM writes a sentence about it: upload an image, or pick an example."
@@ -540,7 +538,7 @@ def build_demo(captioner: Captioner | None, unavailable_reason: str | None = Non
             elem_id="credits-note",
         )
 
-    demo.queue(default_concurrency_limit=CONCURRENCY, max_size=QUEUE_SIZE, **serving.QUEUE_OPTIONS)
+    demo.queue(default_concurrency_limit=CONCURRENCY, max_size=QUEUE_SIZE, **middleware.QUEUE_OPTIONS)
     return demo
 
 
@@ -570,7 +568,7 @@ def main(argv=None) -> None:
         css=CSS,
         max_file_size=MAX_FILE_BYTES,
         allowed_paths=[str(EXAMPLES_DIR)],  # an example click shows the server's own copy
-        **serving.launch_options(demo),  # request limits, session memory, no unused routes (captioner/serving.py)
+        **middleware.launch_options(demo),  # request limits, session memory, no unused routes (webapp/)
     )
 
 

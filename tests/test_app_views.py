@@ -20,10 +20,10 @@ from PIL import Image
 
 import app
 from benchmarks.app_process import app_process
-from captioner import serving
 from captioner.image import MAX_FILE_BYTES
 from tests.hostile_files import CAPTION, hostile_files
 from tests.test_security import ANSWER_S, FILE_META, HOSTILE_VALUES, SECRET, SENTENCE, assert_refused, call, upload
+from webapp import uploads
 
 SETTINGS = ("greedy", 5, None, None)  # method, beam width, max length, length penalty
 
@@ -197,13 +197,13 @@ def test_the_new_endpoints_read_only_uploaded_files(http, served, form):
         "../ out of the cache": {"path": f"{served.upload_dir}/../../{SECRET}", "meta": FILE_META},
         "URL": {"path": "http://203.0.113.7/huge.jpg", "meta": FILE_META},
     }[form]
-    assert_refused(call(http, [image, *SETTINGS, None, None], api="explain"), serving.NOT_UPLOADED)
+    assert_refused(call(http, [image, *SETTINGS, None, None], api="explain"), uploads.NOT_UPLOADED)
     answer = call(http, [[image, image], *SETTINGS, None], api="caption_many")
     if answer.ok:  # each file refused in its row, with the same sentence; nothing read
-        assert [row[1:] for row in answer.value[2]["data"]] == [["", serving.NOT_UPLOADED]] * 2
+        assert [row[1:] for row in answer.value[2]["data"]] == [["", uploads.NOT_UPLOADED]] * 2
         assert answer.seconds < ANSWER_S
     else:
-        assert_refused(answer, serving.NOT_UPLOADED)
+        assert_refused(answer, uploads.NOT_UPLOADED)
 
 
 @pytest.mark.parametrize("api, inputs", [("explain", 7), ("caption_many", 6)])

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from captioner import InvalidImageError
-from captioner.collection import OUT_OF_TIME, caption_photos, clean_name, results_csv, results_json
+from webapp.many_photos import OUT_OF_TIME, caption_photos, clean_name, results_csv, results_json
 
 GREEDY = {"method": "greedy"}
 

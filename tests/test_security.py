@@ -3,7 +3,7 @@
 Against a real `python app.py` on loopback (tiny weights; its decode workers' test hooks on), over raw HTTP
 (httpx, sockets) as an attacker would, and through gradio_client as users do; one server for the module.
 Each test below is a finding of the issue (F1-F10) or one of its targets; the in-process tests at the end
-pin the pieces (captioner/serving.py, captioner/sandbox.py) down one by one.
+pin the pieces (webapp/, captioner/sandbox.py) down one by one.
 """
 
 from __future__ import annotations
@@ -29,10 +29,11 @@ from gradio_client import Client, handle_file
 
 import app
 from benchmarks.app_process import app_process, event_result
-from captioner import InvalidImageError, sandbox, serving
+from captioner import InvalidImageError, sandbox
 from captioner.image import MAX_FILE_BYTES, display_copy, load_image
 from captioner.sandbox import CRASH_MESSAGE, SLOW_MESSAGE, TEST_HOOKS, TEST_HOOKS_ENV, DecodePool
 from tests.hostile_files import hostile_files
+from webapp import middleware, uploads
 
 ANSWER_S = 5.0  # the issue's target: any request to any endpoint answered within 5 s on this CPU
 FILE_META = {"_type": "gradio.FileData"}
@@ -166,13 +167,13 @@ def test_requests_can_read_only_files_they_uploaded(http, served, form):
         "../ out of the cache": {"path": f"{served.upload_dir}/../../{SECRET}", "meta": FILE_META},
     }[form]
     # A bare string isn't a file object at all: refused before its path is looked at.
-    assert_refused(call(http, [image, "greedy", 5, None, None]), serving.NOT_A_FILE if form == "plain path" else serving.NOT_UPLOADED)
+    assert_refused(call(http, [image, "greedy", 5, None, None]), uploads.NOT_A_FILE if form == "plain path" else uploads.NOT_UPLOADED)
 
 
 def test_refusals_tell_nothing_about_the_servers_files(http):
     paths = [str(SECRET), "/no/such/photo.jpg", "/etc", "/dev/zero", "/proc/self/environ", str(Path(app.__file__).resolve())]
     answers = {path: call(http, [{"path": path, "meta": FILE_META}, "greedy", 5, None, None]) for path in paths}
-    assert {(a.status, a.value) for a in answers.values()} == {(400, serving.NOT_UPLOADED)}, answers
+    assert {(a.status, a.value) for a in answers.values()} == {(400, uploads.NOT_UPLOADED)}, answers
 
 
 # ---- F2, F3: a second endpoint without the checks --------------------------------------------------
@@ -189,7 +190,7 @@ def test_only_documented_endpoints_can_be_called_by_name(http, photo):
     private = {event["api_name"] for event in events(http) if event.get("api_visibility") != "public"}
     assert private  # the page's own events: example clicks, clearing the view, showing the beam width
     for api in private | {"caption_image", "load_example"}:  # the last two: gr.Examples' endpoints, gone
-        assert_refused(call(http, [photo, "greedy", 5, None, None], api=api), serving.UNKNOWN_EVENT)
+        assert_refused(call(http, [photo, "greedy", 5, None, None], api=api), middleware.UNKNOWN_EVENT)
 
 
 def test_device_files_cannot_take_the_captioning_slots(http, photo):
@@ -213,7 +214,7 @@ def test_a_decompression_bomb_as_a_data_url_is_refused_quickly(http, served):
     answer = call(http, [{"path": None, "url": url}, "greedy", 5, None, None])
     assert_refused(answer)
     assert "too large" in answer.value
-    assert_refused(join(http, example_event(http), [{"path": None, "url": url}, "greedy", 5, None, None]), serving.NOT_AN_EXAMPLE)
+    assert_refused(join(http, example_event(http), [{"path": None, "url": url}, "greedy", 5, None, None]), uploads.NOT_AN_EXAMPLE)
     assert psutil.Process(served.process.pid).memory_info().rss - rss_before < 200e6  # a 100 MP decode is 300 MB+
 
 
@@ -235,10 +236,10 @@ def test_metadata_floods_are_refused_quickly_however_often_they_are_referenced(h
 
 
 def test_data_urls_and_bodies_are_capped_at_the_upload_limit(http):
-    too_big = "data:image/png;base64," + "A" * (serving.MAX_DATA_URL_CHARS - 20)
+    too_big = "data:image/png;base64," + "A" * (uploads.MAX_DATA_URL_CHARS - 20)
     answer = call(http, [{"path": None, "url": too_big}, "greedy", 5, None, None])
-    assert answer.status == 413 and answer.value == serving.DATA_URL_TOO_BIG
-    response = http.post("/call/caption", content=b"{" + b" " * serving.MAX_EVENT_BODY_BYTES + b"}",
+    assert answer.status == 413 and answer.value == uploads.DATA_URL_TOO_BIG
+    response = http.post("/call/caption", content=b"{" + b" " * middleware.MAX_EVENT_BODY_BYTES + b"}",
                          headers={"content-type": "application/json"})
     assert response.status_code == 413 and "too large" in response.json()["detail"]
 
@@ -266,7 +267,7 @@ def test_sessions_do_not_keep_request_inputs(http, served):
 def test_a_url_as_a_path_is_never_fetched(http, url):
     # 203.0.113.0/24 is TEST-NET-3: nothing answers there, so a download attempt would hang until a timeout.
     answer = call(http, [{"path": url, "meta": FILE_META}, "greedy", 5, None, None])
-    assert_refused(answer, serving.NOT_UPLOADED)
+    assert_refused(answer, uploads.NOT_UPLOADED)
     assert answer.seconds < 1.0
 
 
@@ -274,26 +275,26 @@ def test_a_url_as_a_path_is_never_fetched(http, url):
 
 
 def test_uploads_are_bounded_per_request_and_cleaned(http, served, tiny_captioner):
-    files = [("files", (f"{i}.jpg", b"x" * 100)) for i in range(serving.MAX_FILES_PER_UPLOAD + 1)]
+    files = [("files", (f"{i}.jpg", b"x" * 100)) for i in range(middleware.MAX_FILES_PER_UPLOAD + 1)]
     response = http.post("/upload", files=files)
-    assert response.status_code == 413 and response.json()["detail"] == serving.TOO_MANY_FILES
+    assert response.status_code == 413 and response.json()["detail"] == middleware.TOO_MANY_FILES
     assert not [p for p in served.upload_dir.iterdir() if p.is_file()]  # Gradio removed its half-written files
     assert http.post("/upload", files=files[:-1]).status_code == 200
     assert http.post("/upload", files=[("files", ("big.jpg", bytes(MAX_FILE_BYTES + 1)))]).status_code == 413
-    assert app.MAX_BATCH_FILES <= serving.MAX_FILES_PER_UPLOAD  # the "Many photos" view uploads them in one request
-    assert app.build_demo(tiny_captioner).delete_cache == serving.DELETE_CACHE
+    assert app.MAX_BATCH_FILES <= middleware.MAX_FILES_PER_UPLOAD  # the "Many photos" view uploads them in one request
+    assert app.build_demo(tiny_captioner).delete_cache == middleware.DELETE_CACHE
 
 
 # ---- F8: input echoed whole in errors and logs ----------------------------------------------------
 
 
 def test_echoed_values_are_short_and_logged_on_one_line(http, served, photo):
-    assert call(http, [photo, "x" * (serving.MAX_TEXT_CHARS + 1), 5, None, None]).status == 413
+    assert call(http, [photo, "x" * (uploads.MAX_TEXT_CHARS + 1), 5, None, None]).status == 413
     forged = "\n2026-01-01 00:00:00 ERROR app: FORGED LOG LINE " + "y" * 1000
     answer = call(http, [photo, "sampling" + forged, 5, None, None])
     assert_refused(answer)
-    assert len(answer.value) <= serving.MAX_MESSAGE_CHARS and "yyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyy" not in answer.value
-    assert_refused(call(http, [{"path": "/tmp/x.jpg" + forged, "meta": FILE_META}, "greedy", 5, None, None]), serving.NOT_UPLOADED)
+    assert len(answer.value) <= uploads.MAX_MESSAGE_CHARS and "yyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyy" not in answer.value
+    assert_refused(call(http, [{"path": "/tmp/x.jpg" + forged, "meta": FILE_META}, "greedy", 5, None, None]), uploads.NOT_UPLOADED)
     log = served.output_tail(200_000)
     assert not any(line.startswith("2026-01-01 00:00:00 ERROR app: FORGED") for line in log.splitlines())
 
@@ -328,7 +329,7 @@ def test_slow_request_bodies_are_cut_off(served, http, photo):
     with ThreadPoolExecutor(len(attacks)) as pool:
         results = list(pool.map(lambda attack: slow_request(served.url, *attack), attacks))
     for status_line, seconds in results:
-        assert " 408 " in status_line and seconds < serving.BODY_GRACE_S + 3, results
+        assert " 408 " in status_line and seconds < middleware.BODY_GRACE_S + 3, results
     caption_still_served(http, photo)
 
 
@@ -412,39 +413,39 @@ def test_resolve_upload_accepts_only_regular_files_inside_the_cache(tmp_path):
     (cache / "abc" / "out.jpg").symlink_to(outside)
     (cache / "abc" / "in.jpg").symlink_to(cache / "abc" / "photo.jpg")
     os.mkfifo(cache / "abc" / "pipe.jpg")
-    assert serving.read_upload(str(cache / "abc" / "photo.jpg"), cache) == b"mine"
-    assert serving.read_upload(str(cache / "abc" / "in.jpg"), cache) == b"mine"  # a link that stays inside
+    assert uploads.read_upload(str(cache / "abc" / "photo.jpg"), cache) == b"mine"
+    assert uploads.read_upload(str(cache / "abc" / "in.jpg"), cache) == b"mine"  # a link that stays inside
     for path in ["abc/out.jpg", "abc/pipe.jpg", "abc", "", "../outside.jpg", "abc/photo.jpg\0.png", "abc/missing.jpg"]:
-        with pytest.raises(serving.RequestError, match="wasn't uploaded"):
-            serving.read_upload(str(cache / path) if path else path, cache)
+        with pytest.raises(uploads.RequestError, match="wasn't uploaded"):
+            uploads.read_upload(str(cache / path) if path else path, cache)
     for payload in [5, [], 1.5, True]:
-        with pytest.raises(serving.RequestError, match="must be an uploaded file"):
-            serving.uploaded_file_bytes(payload, cache)
-    with pytest.raises(serving.RequestError, match="Please upload an image"):
-        serving.uploaded_file_bytes({"path": None}, cache)
+        with pytest.raises(uploads.RequestError, match="must be an uploaded file"):
+            uploads.uploaded_file_bytes(payload, cache)
+    with pytest.raises(uploads.RequestError, match="Please upload an image"):
+        uploads.uploaded_file_bytes({"path": None}, cache)
 
 
 def test_data_urls():
-    assert serving.decode_data_url("data:image/png;base64," + base64.b64encode(b"png").decode()) == b"png"
+    assert uploads.decode_data_url("data:image/png;base64," + base64.b64encode(b"png").decode()) == b"png"
     for url, words in [("data:image/png,raw", "not a valid base64"), ("data:image/png;base64,@@@", "not a valid base64"),
-                       ("data:;base64," + "A" * serving.MAX_DATA_URL_CHARS, "larger than 20 MB"),
-                       ("data:;base64," + base64.b64encode(bytes(MAX_FILE_BYTES + 1)).decode()[: serving.MAX_DATA_URL_CHARS - 20],
+                       ("data:;base64," + "A" * uploads.MAX_DATA_URL_CHARS, "larger than 20 MB"),
+                       ("data:;base64," + base64.b64encode(bytes(MAX_FILE_BYTES + 1)).decode()[: uploads.MAX_DATA_URL_CHARS - 20],
                         "larger than 20 MB")]:
-        with pytest.raises(serving.RequestError, match=words):
-            serving.decode_data_url(url)
+        with pytest.raises(uploads.RequestError, match=words):
+            uploads.decode_data_url(url)
 
 
 def test_log_and_user_texts_are_one_short_line():
-    logged = serving.for_log("a\nb\x1b[31m" + "z" * 500)
+    logged = uploads.for_log("a\nb\x1b[31m" + "z" * 500)
     assert "\n" not in logged and "\x1b" not in logged and logged.startswith("a\\nb\\x1b[31m") and "(508 characters)" in logged
-    shown = serving.user_message("Line one.\nLine two " + "w" * 1000)
-    assert "\n" not in shown and len(shown) == serving.MAX_MESSAGE_CHARS and shown.startswith("Line one. Line two")
+    shown = uploads.user_message("Line one.\nLine two " + "w" * 1000)
+    assert "\n" not in shown and len(shown) == uploads.MAX_MESSAGE_CHARS and shown.startswith("Line one. Line two")
 
 
 @pytest.mark.parametrize("index", [-1, 3, "1", 1.0, True, None, [0]])
 def test_example_index_must_pick_an_example(index):
-    with pytest.raises(serving.RequestError, match="pick one of the examples"):
-        serving.example_index(index, 3)
+    with pytest.raises(uploads.RequestError, match="pick one of the examples"):
+        uploads.example_index(index, 3)
 
 
 @pytest.fixture(scope="module")
@@ -495,10 +496,10 @@ def test_the_display_copy_comes_from_the_same_decode_in_the_photos_own_shape(hoo
 
 
 def test_data_url_images_are_stored_as_uploads(tmp_path):
-    limits = serving.RequestLimits(None, upload_dir=tmp_path)
+    limits = middleware.RequestLimits(None, upload_dir=tmp_path)
     inline = "data:image/png;base64," + base64.b64encode(b"pixels").decode()
     body = json.dumps({"data": [{"path": None, "url": inline}, "greedy"]}).encode()
-    route = serving._EVENT_ROUTE.search("/gradio_api/call/caption")
+    route = middleware._EVENT_ROUTE.search("/gradio_api/call/caption")
     stored = json.loads(asyncio.run(limits._checked_event(body, route)))["data"][0]
     assert stored["meta"] == FILE_META and "url" not in stored and Path(stored["path"]).read_bytes() == b"pixels"
     assert stat.S_ISREG(os.stat(stored["path"]).st_mode) and Path(stored["path"]).parent.parent == tmp_path.resolve()
@@ -506,8 +507,8 @@ def test_data_url_images_are_stored_as_uploads(tmp_path):
 
 def test_event_bodies_read_at_once_are_bounded():
     """Event bodies are read whole to be checked; beyond MAX_BUFFERED_EVENT_BYTES at once the server says it's busy."""
-    limits, sent = serving.RequestLimits(None), []
-    limits.buffered = serving.MAX_BUFFERED_EVENT_BYTES - 10  # as if other requests were being read now
+    limits, sent = middleware.RequestLimits(None), []
+    limits.buffered = middleware.MAX_BUFFERED_EVENT_BYTES - 10  # as if other requests were being read now
 
     async def receive():
         return {"type": "http.request", "body": b'{"data": []}', "more_body": False}
@@ -517,5 +518,5 @@ def test_event_bodies_read_at_once_are_bounded():
 
     scope = {"type": "http", "method": "POST", "path": "/gradio_api/call/caption", "headers": [(b"content-length", b"12")]}
     asyncio.run(limits(scope, receive, send))
-    assert sent[0]["status"] == 503 and json.loads(sent[1]["body"]) == {"detail": serving.BUSY}
-    assert limits.buffered == serving.MAX_BUFFERED_EVENT_BYTES - 10
+    assert sent[0]["status"] == 503 and json.loads(sent[1]["body"]) == {"detail": middleware.BUSY}
+    assert limits.buffered == middleware.MAX_BUFFERED_EVENT_BYTES - 10

@@ -20,8 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
-from .decoding import DecodingOptions
-from .inference import Captioner
+from captioner import Captioner, DecodingOptions
 
 BATCH_SIZE = 8  # images per encoder call, as ImageEncoder's own batches
 MAX_NAME_CHARS = 200  # a file name as shown and written: names come from the uploader
