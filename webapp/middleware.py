@@ -39,8 +39,8 @@ log = logging.getLogger(__name__)
 
 # Request bodies. An event call is JSON: a few settings and file references, or one data: URL image.
 MAX_EVENT_BODY_BYTES = MAX_DATA_URL_CHARS + 64 * 1024
-# One upload request: the page's "Many photos" view sends all its photos at once (app.MAX_BATCH_FILES, 50),
-# phone photos of up to about 5 MB each. Gradio writes uploads to disk as they arrive, not to memory.
+# One upload request: the page's "Many photos" view sends all its photos at once, phone photos of up to about
+# 5 MB each; the app passes its own number in (launch_options). Gradio writes uploads to disk as they arrive, not to memory.
 MAX_FILES_PER_UPLOAD = 50
 MAX_UPLOAD_BODY_BYTES = 256 * 2**20
 # Any other request (Gradio's small JSON routes: cancel, reset, component server, login, ...).
@@ -72,7 +72,7 @@ QUEUE_OPTIONS = {"api_open": False}
 
 BODY_TOO_LARGE = "This request is too large: at most {limit} are accepted here."
 BODY_TOO_SLOW = f"The request arrived too slowly (under {MIN_BODY_RATE // 1024} KB/s); please try again."
-TOO_MANY_FILES = f"Too many files in one upload: at most {MAX_FILES_PER_UPLOAD} are accepted."
+TOO_MANY_FILES = "Too many files in one upload: at most {limit} are accepted."
 NOT_JSON = "The request body must be a JSON object."
 TOO_MANY_VALUES = f"The request has too many values (at most {MAX_JSON_VALUES:,}) or is nested too deeply."
 TEXT_TOO_LONG = f"A text value in the request is longer than {MAX_TEXT_CHARS:,} characters."
@@ -86,12 +86,13 @@ BAD_REQUEST_SHAPE = "The request doesn't match this endpoint's inputs; /gradio_a
 # ---- Gradio settings ------------------------------------------------------------------------------
 
 
-def launch_options(blocks) -> dict:
-    """Keyword arguments for `blocks.launch()` that go with RequestLimits (besides max_file_size=MAX_FILE_BYTES)."""
+def launch_options(blocks, max_files_per_upload: int = MAX_FILES_PER_UPLOAD) -> dict:
+    """Keyword arguments for `blocks.launch()` that go with RequestLimits (besides max_file_size=MAX_FILE_BYTES).
+    max_files_per_upload: the most files the page sends in one upload."""
     from starlette.middleware import Middleware
 
     return {
-        "app_kwargs": {"middleware": [Middleware(RequestLimits, blocks=blocks)]},
+        "app_kwargs": {"middleware": [Middleware(RequestLimits, blocks=blocks, max_files_per_upload=max_files_per_upload)]},
         "state_session_capacity": SESSION_CAPACITY,
         # Everything through this process and its middleware: no Node front-end server, no static workers.
         "ssr_mode": False,
@@ -122,8 +123,10 @@ class RequestLimits:
     Refusals are answered as JSON {"detail": sentence} with status 400, 404, 408, 413 or 503, and close the connection.
     """
 
-    def __init__(self, app, blocks=None, upload_dir: str | os.PathLike | None = None):
+    def __init__(self, app, blocks=None, upload_dir: str | os.PathLike | None = None,
+                 max_files_per_upload: int = MAX_FILES_PER_UPLOAD):
         self.app, self.blocks, self._upload_dir = app, blocks, upload_dir
+        self.max_files_per_upload = max_files_per_upload
         self._named_parameters: dict[str, list[str]] | None = None
         self.buffered = 0  # bytes of event bodies being read and checked now (MAX_BUFFERED_EVENT_BYTES)
 
@@ -149,7 +152,7 @@ class RequestLimits:
                 scope = _with_content_length(scope, len(payload))
                 await self.app(scope, _replay(payload, receive), responder.send)
             elif upload:
-                body.count_parts(_boundary(scope))
+                body.count_parts(_boundary(scope), self.max_files_per_upload)
                 await self.app(scope, body.receive_for_upload, responder.send)
             else:
                 await self.app(scope, body.receive, responder.send)
@@ -382,17 +385,18 @@ class _Body:
             if self.done:
                 return b"".join(chunks)
 
-    def count_parts(self, boundary: bytes | None) -> None:
-        """Count multipart delimiters as the body arrives (a file's data can't contain its own boundary)."""
+    def count_parts(self, boundary: bytes | None, max_parts: int) -> None:
+        """Count multipart delimiters as the body arrives (a file's data can't contain its own boundary): at most
+        `max_parts` parts."""
         if boundary:
-            self._delimiter = b"--" + boundary
+            self._delimiter, self._max_parts = b"--" + boundary, max_parts
 
     def _count_delimiters(self, chunk: bytes) -> None:
         window = self._tail + chunk
         self._delimiters += window.count(self._delimiter)
         self._tail = window[-(len(self._delimiter) - 1):]
-        if self._delimiters > MAX_FILES_PER_UPLOAD + 1:  # one delimiter before each part, one closing
-            raise _Refusal(413, TOO_MANY_FILES)
+        if self._delimiters > self._max_parts + 1:  # one delimiter before each part, one closing
+            raise _Refusal(413, TOO_MANY_FILES.format(limit=self._max_parts))
 
     async def receive_for_upload(self):
         """As receive(), but a refusal is raised as the error Gradio's upload parser handles (it deletes its temporary files)."""
