@@ -1,4 +1,5 @@
-"""The Gradio app: its /caption endpoint on a real server (gradio_client), and its pure helpers in-process."""
+"""The Gradio app: its /caption endpoint on a real server (gradio_client), and its layout built in-process.
+(The handlers themselves, called without a server: tests/test_handlers.py.)"""
 
 from __future__ import annotations
 
@@ -12,7 +13,11 @@ from gradio_client.exceptions import AppError
 
 import app
 from benchmarks.app_process import running_app
-from captioner import Caption, DecodingOptions
+
+# The decoding settings every endpoint takes after its image: the first five in the order API clients have always
+# passed them, then the ones added later (optional).
+SETTINGS = ["method", "beam_width", "max_length", "length_penalty", "prefix", "no_repeat_ngram_size", "temperature",
+            "top_p", "seed"]
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +82,15 @@ def test_advanced_options(client, example_images):
     assert text == table_rows(table)[0][1]
 
 
+def test_the_added_settings_are_optional_and_trailing(client, example_images):
+    """Calls with the first five settings by position keep working; the later ones go after them, or by name."""
+    photo = handle_file(example_images[2])
+    by_position = client.predict(photo, "beam", 3, None, 0.0, "", 2, api_name="/caption")[0]
+    assert by_position == client.predict(photo, "beam", 3, length_penalty=0.0, no_repeat_ngram_size=2, api_name="/caption")[0]
+    sampled = {client.predict(photo, "sample", temperature=1.5, top_p=1.0, seed=7, api_name="/caption")[0] for _ in range(2)}
+    assert len(sampled) == 1  # the same seed, the same caption
+
+
 @pytest.mark.parametrize("name", ["text renamed .jpg", "truncated JPEG", "empty file"])
 def test_bad_file_gets_a_clear_message_and_the_server_keeps_serving(client, bad_files, example_images, name):
     expected = {
@@ -101,10 +115,11 @@ def test_files_over_the_size_limit_are_refused(client, tmp_path):
     [
         ((None,), "Please upload an image"),
         ((handle_file(Path(__file__)),), "not an image"),  # a non-image file under its real name
-        (("IMAGE", "sampling", 5), "must be 'greedy' or 'beam', not 'sampling'"),
+        (("IMAGE", "nucleus", 5), "The decoding method must be .*, not 'nucleus'"),
         (("IMAGE", "beam", 50), "Beam width must be between 1 and 10"),
         (("IMAGE", "beam", 5, 500), "Max new tokens must be between 1 and 100"),
         (("IMAGE", "beam", 5, 10, -1), "Length penalty must be between 0 and 5"),
+        (("IMAGE", "greedy", 5, 10, 0, "", 1), "No-repeat n-gram size must be one of 0, 2, 3, 4"),
     ],
 )
 def test_bad_requests_get_clear_messages(client, example_images, args, message):
@@ -116,8 +131,8 @@ def test_bad_requests_get_clear_messages(client, example_images, args, message):
 
 def test_api_describes_the_caption_endpoint(client):
     parameters = client.view_api(print_info=False, return_format="dict")["named_endpoints"]["/caption"]["parameters"]
-    assert [p["parameter_name"] for p in parameters] == ["image", "method", "beam_width", "max_length", "length_penalty", "prefix"]
-    assert [p["parameter_has_default"] for p in parameters] == [False, True, True, True, True, True]
+    assert [p["parameter_name"] for p in parameters] == ["image", *SETTINGS]
+    assert [p["parameter_has_default"] for p in parameters] == [False] + [True] * len(SETTINGS)
 
 
 @pytest.fixture(scope="module")
@@ -135,36 +150,7 @@ def test_without_weights_the_page_opens_and_explains(no_weights_url, example_ima
         Client(no_weights_url, verbose=False).predict(handle_file(example_images[0]), api_name="/caption")
 
 
-# ---- pure helpers, in-process -------------------------------------------------------------------
-
-
-def test_decoding_options_map_the_widgets_to_the_library_options():
-    assert app.decoding_options("Beam search", 4.0, 12.0, 0.5) == DecodingOptions("beam", 4, 12, 0.5)
-    # Greedy ignores the beam width; None means the recommended decoding's value.
-    assert app.decoding_options("greedy", 99, None, None) == DecodingOptions("greedy")
-    assert app.decoding_options(None, None, None, None) == DecodingOptions()
-    for given, message in [("sample", "'greedy' or 'beam'"), (3, "'greedy' or 'beam'")]:
-        with pytest.raises(ValueError, match=message):
-            app.decoding_options(given, 5, None, None)
-
-
-def test_candidate_rows():
-    caption = Caption("a dog runs", [("a dog runs", -1.0), ("a dog", -2.5)], [-0.5, -1.5])
-    assert app.candidate_rows(caption) == [[1, "a dog runs", -0.5, -1.0, "37%"], [2, "a dog", -1.5, -2.5, "8.2%"]]
-
-
-def test_model_facts():
-    description = {
-        "encoder": "resnet50", "vocab_size": 8123, "source": "Hub user/captioner@0123456789", "revision": "0123456789abcdef",
-        "metrics": {"best": "beam3", "results": {"beam3": {"BLEU-4": 0.2134, "CIDEr": 0.5412, "METEOR": 0.2}}},
-    }
-    facts = app.model_facts(description, seconds=0.4321)
-    assert facts == (
-        "Encoder `resnet50` · weights from `Hub user/captioner@0123456789` (revision `0123456789`) · vocabulary of 8,123 tokens"
-        " · test BLEU-4 0.213, CIDEr 0.541 (beam3) · this caption took 0.43 s"
-    )
-    bare = app.model_facts({"encoder": "resnet50", "vocab_size": 10, "source": "weights/", "revision": None, "metrics": None})
-    assert bare == "Encoder `resnet50` · weights from `weights/` · vocabulary of 10 tokens"
+# ---- the layout, built in-process ---------------------------------------------------------------
 
 
 def test_without_a_model_the_notice_says_what_to_do():
@@ -175,4 +161,4 @@ def test_without_a_model_the_notice_says_what_to_do():
 
 def test_build_demo_without_launching(tiny_captioner):
     parameters = app.build_demo(tiny_captioner).get_api_info()["named_endpoints"]["/caption"]["parameters"]
-    assert [p["parameter_name"] for p in parameters] == ["image", "method", "beam_width", "max_length", "length_penalty", "prefix"]
+    assert [p["parameter_name"] for p in parameters] == ["image", *SETTINGS]

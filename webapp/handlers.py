@@ -1,0 +1,371 @@
+"""What the page's events do: `CaptionPage`, whose methods app.py wires to its buttons, and the helpers that turn
+a caption into what the page shows. No layout here (app.py), and no Gradio server needed to call them:
+
+    page = CaptionPage(captioner, examples)             # starts the decode workers (webapp.uploads.RequestImages)
+    caption, candidates, facts = page.caption(upload, "beam", 5)
+    gallery, summary, table, downloads = page.caption_many([upload, ...], "greedy")
+
+Each handler takes the request's values as Gradio sends them with preprocess=False (file objects, numbers,
+strings; None for a value not given) and turns the decoding settings into one `DecodingOptions` on its first
+line. Its parameters are the API's: Gradio names an endpoint's parameters after its function's, in order.
+A request the app can't serve raises gr.Error with a sentence for the user (see `user_facing`).
+"""
+
+from __future__ import annotations
+
+import functools
+import html
+import io
+import logging
+import math
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import gradio as gr
+import numpy as np
+from PIL import Image
+
+from captioner import Captioner, DecodingOptions
+from captioner.explain import OVERLAY_MAX_SIDE, Explanation, overlay
+
+from . import uploads
+from .many_photos import caption_photos, write_csv, write_json
+from .uploads import RequestError, RequestImages
+
+log = logging.getLogger("app")
+
+# ---- limits ---------------------------------------------------------------------------------------
+
+MAX_BATCH_FILES = 50  # photos per "Many photos" request: about 2-4 s of work here
+# A batch of crafted files could keep the decode workers at their deadline file after file: the files not read
+# within this time are listed as not captioned, with a sentence asking to send them again.
+BATCH_TIME_LIMIT_S = 60.0
+GALLERY_MAX_SIDE = 512  # the "Many photos" gallery shows each photo at most this many pixels a side (50 of them: ~40 MB)
+PHOTO_JPEG_QUALITY = 85  # the explained photo is kept per session as a small JPEG, for the word clicks
+RESULTS_DIR = Path(tempfile.gettempdir()) / "captioner-results"
+RESULTS_MAX_AGE_S = 3600  # result files are copied into Gradio's cache when sent; our own copies go after an hour
+
+# ---- what the page shows ------------------------------------------------------------------------
+
+# The method radio's choices are (label, value); the API also accepts the labels, in any case.
+METHOD_CHOICES = [("Greedy", "greedy"), ("Beam search", "beam"), ("Sampling", "sample")]
+METHODS = {name.lower(): value for label, value in METHOD_CHOICES for name in (label, value)}
+# score: what beam search ranks by, the log-probability divided by ((5 + length) / 6) ** length penalty.
+CANDIDATE_HEADERS = ["#", "caption", "score", "log-prob", "probability"]
+BATCH_HEADERS = ["file", "caption", "why it has no caption"]
+
+NOT_LOADED = "The captioning model isn't loaded."
+GENERIC_ERROR = "Something went wrong while captioning this image. Please try again, or try another image."
+FIX_WEIGHTS_HINT = (
+    "To fix this, train the model with `python -m training.run_all` (it writes `weights/`), or set "
+    "`CAPTIONER_REPO` to a Hugging Face Hub model repo, then restart the app."
+)
+
+
+def decoding_options(method=None, beam_width=None, max_length=None, length_penalty=None, prefix=None,
+                     no_repeat_ngram_size=None, temperature=None, top_p=None, seed=None) -> DecodingOptions:
+    """The page's widgets (or an API call's values) -> the library's DecodingOptions, whose checks are the only
+    ones. None means the default. A method's own settings count only for it: greedy decoding and sampling ignore
+    the beam width, greedy decoding and beam search the temperature, top-p and seed (the page sends every widget,
+    shown or not). prefix: the words the caption must start with ("" or None: none); seed: None, a new sample
+    each time."""
+    method = METHODS.get(str(method).strip().lower(), method) if method is not None else None
+    given = {"method": method, "max_new_tokens": max_length, "length_penalty": length_penalty, "prefix": prefix,
+             "no_repeat_ngram_size": no_repeat_ngram_size}
+    if method == "beam":
+        given["beam_width"] = beam_width
+    if method == "sample":
+        given.update(temperature=temperature, top_p=top_p, seed=seed)
+    return DecodingOptions(**{name: value for name, value in given.items() if value is not None})
+
+
+def user_facing(handler):
+    """A handler whose refusals reach the user as sentences: ValueError (InvalidImageError, RequestError and
+    DecodingOptions' checks) as its own message, anything else as GENERIC_ERROR (the details go to the log)."""
+
+    @functools.wraps(handler)  # Gradio reads the handler's signature: the API's parameter names
+    def answer(page: CaptionPage, *args, **kwargs):
+        try:
+            if page.captioner is None:
+                raise RequestError(f"{NOT_LOADED} {page.notice}")
+            return handler(page, *args, **kwargs)
+        except ValueError as exc:
+            log.info("Rejected a request: %s", uploads.for_log(exc))
+            raise user_error(uploads.user_message(exc)) from None
+        except Exception:
+            log.exception("Captioning failed")
+            raise user_error(GENERIC_ERROR) from None
+
+    return answer
+
+
+def user_error(message: str) -> gr.Error:
+    # gr.Error renders its message as HTML in the browser; file names and the like must show as text.
+    return gr.Error(html.escape(message, quote=False), print_exception=False)
+
+
+# ---- the handlers -----------------------------------------------------------------------------------
+
+
+class CaptionPage:
+    """The page's handlers around one captioner (None: every request is answered with why there is none).
+
+    images: how a request's image becomes pixels (default: RequestImages over Gradio's upload cache and `examples`,
+    which starts the decode workers once, here).
+    """
+
+    def __init__(self, captioner: Captioner | None, examples: Sequence[str] = (), unavailable_reason: str | None = None,
+                 images: RequestImages | None = None):
+        self.captioner = captioner
+        self.examples = [str(path) for path in examples]
+        if captioner is None:
+            self.images = None
+            self.description = None
+            # Why there's no model and what to do. "No trained weights" errors already say how to get them;
+            # the others (damaged files, the Hub unreachable) don't.
+            reason = unavailable_reason or "No weights were loaded."
+            self.notice = reason if "training.run_all" in reason else f"{reason} {FIX_WEIGHTS_HINT}"
+        else:
+            self.images = images or RequestImages(captioner.encoder.input_size, self.examples)
+            self.description = captioner.description
+            self.notice = None
+        self.facts = model_facts(self.description) if self.description else ""  # the facts line before any caption
+
+    @user_facing
+    def caption(self, image, method=None, beam_width=None, max_length=None, length_penalty=None, prefix=None,
+                no_repeat_ngram_size=None, temperature=None, top_p=None, seed=None):
+        """Caption one image. method: 'greedy', 'beam' or 'sample'; prefix: words the caption must start with.
+        Returns the caption, the candidates table and facts."""
+        options = decoding_options(method, beam_width, max_length, length_penalty, prefix, no_repeat_ngram_size,
+                                   temperature, top_p, seed)
+        start = time.perf_counter()
+        result = self.captioner.caption(self.images.upload(image), options)
+        seconds = time.perf_counter() - start
+        log.info("%s caption in %.2f s: %s", options.method, seconds, result.text)
+        return result.text, candidate_rows(result), model_facts(self.description, seconds)
+
+    @user_facing
+    def explain(self, image, method=None, beam_width=None, max_length=None, length_penalty=None, prefix=None,
+                word=None, no_repeat_ngram_size=None, temperature=None, top_p=None, seed=None):
+        """Caption one image and explain each word. word: which word's heatmap to draw (its position from 0;
+        default: the first word that names something); it comes before the settings added later, where API
+        clients already pass it. Returns the caption, its words with their probabilities, the photo with that
+        word's heatmap and a line saying which word it is, the candidates table, facts and what the session
+        keeps for clicks on the words."""
+        options = decoding_options(method, beam_width, max_length, length_penalty, prefix, no_repeat_ngram_size,
+                                   temperature, top_p, seed)
+        start = time.perf_counter()
+        return self._view(*self.images.upload(image, OVERLAY_MAX_SIDE), options, word, start)
+
+    @user_facing
+    def explain_example(self, index, method=None, beam_width=None, max_length=None, length_penalty=None, prefix=None,
+                        no_repeat_ngram_size=None, temperature=None, top_p=None, seed=None):
+        """A click in the example gallery: only the example's index comes from the page -> the photo and its view."""
+        options = decoding_options(method, beam_width, max_length, length_penalty, prefix, no_repeat_ngram_size,
+                                   temperature, top_p, seed)
+        start = time.perf_counter()
+        view = self._view(*self.images.example(index, OVERLAY_MAX_SIDE), options, None, start)
+        return self.examples[index], *view
+
+    def _view(self, pixels, display, options: DecodingOptions, word, start: float) -> tuple:
+        """The page's view of one photo: pixels, the encoder's square copy; display, the photo as it is (aspect
+        kept) to draw on."""
+        explanation = self.captioner.explain(pixels, options=options)
+        shown = chosen_word(word, explanation)
+        kept = ExplainedPhoto.of(explanation, Image.fromarray(display))
+        seconds = time.perf_counter() - start
+        log.info("%s caption explained in %.2f s: %s", options.method, seconds, explanation.text)
+        return (explanation.text, word_highlights(explanation), kept.overlay(shown), kept.label(shown),
+                candidate_rows(explanation.caption), model_facts(self.description, seconds), kept)
+
+    @staticmethod
+    def show_word(kept: ExplainedPhoto | None, event: gr.SelectData):
+        """A click on a word of the highlighted caption -> the photo with that word's heatmap, and its label."""
+        index = event.index
+        if kept is None or type(index) is not int or not 0 <= index < len(kept.words):
+            return gr.update(), gr.update()
+        return kept.overlay(index), kept.label(index)
+
+    @user_facing
+    def caption_many(self, files, method=None, beam_width=None, max_length=None, length_penalty=None, prefix=None,
+                     no_repeat_ngram_size=None, temperature=None, top_p=None, seed=None, progress=gr.Progress()):
+        """Caption up to MAX_BATCH_FILES photos. Returns a gallery of the captioned ones, a summary, a table of
+        every file with its caption or why it has none, and the results as CSV and JSON files."""
+        options = decoding_options(method, beam_width, max_length, length_penalty, prefix, no_repeat_ngram_size,
+                                   temperature, top_p, seed)
+        files = batch_uploads(files)
+        start = time.perf_counter()
+        thumbnails: dict[int, np.ndarray] = {}  # each photo as it is (aspect kept), for the gallery
+
+        def reader(position, upload):
+            def read():
+                pixels, thumbnails[position] = self.images.upload(upload, GALLERY_MAX_SIDE)
+                return pixels
+            return read
+
+        photos = [(upload_name(upload), reader(i, upload)) for i, upload in enumerate(files)]
+        progress((0, len(photos)), desc="Captioning", unit="photos")
+        results = caption_photos(self.captioner, photos, options, deadline=time.monotonic() + BATCH_TIME_LIMIT_S,
+                                 progress=lambda done, total: progress((done, total), desc="Captioning", unit="photos"))
+        seconds = time.perf_counter() - start
+        folder = results_folder()
+        downloads = [str(write_csv(results, folder / "captions.csv")), str(write_json(results, folder / "captions.json"))]
+        gallery = [(Image.fromarray(thumbnails[i]), f"{r.image}: {r.caption}") for i, r in enumerate(results) if r.ok]
+        table = [[r.image, r.caption or "", r.error or ""] for r in results]
+        log.info("Captioned %d of %d photos in %.2f s", len(gallery), len(results), seconds)
+        return gallery, batch_summary(len(gallery), len(results), seconds), table, downloads
+
+
+# ---- what a caption looks like on the page ------------------------------------------------------
+
+
+def candidate_rows(caption) -> list[list]:
+    """A Caption's candidates (best first) -> rows for the table: rank, caption, score (what the decoder
+    ranked them by), log-probability, probability (as a percentage, for people)."""
+    scores = caption.scores or [log_prob for _, log_prob in caption.candidates]
+    return [
+        [rank, text, round(score, 2), round(log_prob, 2), readable_probability(math.exp(log_prob))]
+        for rank, ((text, log_prob), score) in enumerate(zip(caption.candidates, scores), start=1)
+    ]
+
+
+def readable_probability(probability: float) -> str:
+    """A caption's probability for people: '12%' down to 1%, then '1 in 3,400', '1 in 6.6 million'.
+
+    A whole caption's probability is the product of its words' and is often tiny; odds read better than 0.00000015.
+    """
+    if probability >= 0.01:
+        return percent(probability)
+    odds = float(f"{1.0 / max(probability, 1e-300):.2g}")
+    if odds >= 1e15:
+        return "under 1 in a quadrillion"
+    for size, name in ((1e12, "trillion"), (1e9, "billion"), (1e6, "million")):
+        if odds >= size:
+            return f"1 in {odds / size:g} {name}"
+    return f"1 in {odds:,.0f}"
+
+
+def percent(probability: float) -> str:
+    """0.934 -> '93%', 0.0123 -> '1.2%', 3.2e-05 -> '0.0032%': two significant digits, readable at any size."""
+    value = 100.0 * probability
+    if value >= 10:
+        return f"{value:.0f}%"
+    if value < 1e-4:
+        return "< 0.0001%"
+    return f"{float(f'{value:.2g}'):g}%"
+
+
+def word_highlights(explanation: Explanation) -> list[tuple[str, float]]:
+    """The caption for gr.HighlightedText: each word with its probability, which sets its shade. One token per
+    word (the component spaces them), so a click's index (gr.SelectData.index) is the word's."""
+    return [(word.word, round(word.probability, 3)) for word in explanation.words]
+
+
+def chosen_word(word, explanation: Explanation) -> int:
+    """The API's `word` input (a word's position from 0, or None: the first word that names something)."""
+    if word is None or word == "":
+        return explanation.first_content_word
+    try:
+        index = float(word)
+    except (TypeError, ValueError):
+        raise RequestError(f"The word to show must be its position in the caption (0, 1, ...), not {uploads.for_log(repr(word), 40)}.") from None
+    count = len(explanation.words)
+    if not math.isfinite(index) or index != int(index) or not 0 <= index < count:
+        raise RequestError(f"The word to show must be a whole number from 0 to {count - 1}: the caption has {count} words.")
+    return int(index)
+
+
+@dataclass(frozen=True)
+class ExplainedPhoto:
+    """What a session keeps of its last explanation, for clicks on its words: the words, their probabilities
+    and heatmaps, and the photo as a small JPEG (tens of KB, not the decoded image)."""
+
+    words: tuple[str, ...]
+    probabilities: tuple[float, ...]
+    heatmaps: np.ndarray  # (words, h, w) float16
+    photo_jpeg: bytes
+
+    @classmethod
+    def of(cls, explanation: Explanation, photo: Image.Image) -> ExplainedPhoto:
+        buffer = io.BytesIO()
+        photo.convert("RGB").save(buffer, "JPEG", quality=PHOTO_JPEG_QUALITY)
+        return cls(tuple(w.word for w in explanation.words), tuple(w.probability for w in explanation.words),
+                   np.stack([w.heatmap for w in explanation.words]).astype(np.float16), buffer.getvalue())
+
+    def overlay(self, index: int) -> Image.Image:
+        """The photo with word `index`'s heatmap over it (the JPEG is this app's own, decoded in-process)."""
+        return overlay(Image.open(io.BytesIO(self.photo_jpeg)), self.heatmaps[index].astype(np.float32))
+
+    def label(self, index: int) -> str:
+        """Markdown under the heatmap: which word it is and how sure the model was of it."""
+        return f"Where the model looked for **\u201c{self.words[index]}\u201d** (word {index + 1}, {percent(self.probabilities[index])} sure)"
+
+
+def model_facts(description: dict, seconds: float | None = None) -> str:
+    """One Markdown line about the loaded model (and how long the last caption took)."""
+    source = description.get("source") or "unknown source"
+    revision = description.get("revision")
+    facts = [
+        f"Encoder `{description['encoder']}`",
+        f"weights from `{source}`" + (f" (revision `{revision[:10]}`)" if revision else ""),
+        f"vocabulary of {description['vocab_size']:,} tokens",
+    ]
+    scores = score_summary(description.get("metrics"))
+    if scores:
+        facts.append(scores)
+    if seconds is not None:
+        facts.append(f"this caption took {seconds:.2f} s")
+    return " · ".join(facts)
+
+
+def score_summary(metrics: dict | None) -> str | None:
+    """'test BLEU-4 0.213, CIDEr 0.541 (beam3)' from metrics.json's best setting, if it has one."""
+    if not metrics:
+        return None
+    best = metrics.get("best")
+    scores = (metrics.get("results") or {}).get(best) or {}
+    shown = [f"{name} {scores[name]:.3f}" for name in ("BLEU-4", "CIDEr") if isinstance(scores.get(name), (int, float))]
+    return f"test {', '.join(shown)} ({best})" if shown else None
+
+
+# ---- many photos --------------------------------------------------------------------------------
+
+
+def batch_uploads(files) -> list:
+    """The "Many photos" request's files (Gradio's raw file objects, preprocess=False) -> a list of 1..MAX_BATCH_FILES."""
+    if files is None or files == []:
+        raise RequestError("Please choose some photos first.")
+    if not isinstance(files, list):
+        files = [files]
+    if len(files) > MAX_BATCH_FILES:
+        raise RequestError(f"Too many photos: at most {MAX_BATCH_FILES} at once, not {len(files)}.")
+    return files
+
+
+def upload_name(upload) -> str:
+    """The name to show and write for an uploaded file: the uploader's own name for it, else the cache's."""
+    if isinstance(upload, dict):
+        return str(upload.get("orig_name") or Path(str(upload.get("path") or "")).name or "(unnamed)")
+    return Path(str(upload)).name if isinstance(upload, str) and not upload.startswith("data:") else "(unnamed)"
+
+
+def batch_summary(captioned: int, total: int, seconds: float) -> str:
+    failed = total - captioned
+    text = f"Captioned **{captioned} of {total}** photo{'s' if total != 1 else ''} in {seconds:.1f} s."
+    if failed:
+        text += f" {failed} file{' has' if failed == 1 else 's have'} no caption: the table says why."
+    return text
+
+
+def results_folder() -> Path:
+    """A new folder for one request's CSV and JSON files (older ones are deleted)."""
+    RESULTS_DIR.mkdir(exist_ok=True)
+    for old in RESULTS_DIR.iterdir():
+        if time.time() - old.stat().st_mtime > RESULTS_MAX_AGE_S:
+            for file in old.iterdir():
+                file.unlink(missing_ok=True)
+            old.rmdir()
+    return Path(tempfile.mkdtemp(dir=RESULTS_DIR))
