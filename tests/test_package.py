@@ -1,16 +1,40 @@
 """`pip install .` gives the library and a `captioner` command that works outside the checkout."""
 
 import json
+import site
 import subprocess
+import sysconfig
 import venv
+from pathlib import Path
 
 from tests.conftest import EXAMPLES, ROOT
 
 
+def site_folders_of_this_environment() -> list[str]:
+    """The folders this test run imports installed packages from: its venv's or the system's site-packages."""
+    folders = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"], *site.getsitepackages()}
+    if site.ENABLE_USER_SITE:
+        folders.add(site.getusersitepackages())
+    return sorted(folder for folder in folders if Path(folder).is_dir())
+
+
+def new_venv_seeing_this_environment(folder: Path) -> Path:
+    """A fresh venv whose own site-packages come first, then this test run's packages (TensorFlow...).
+
+    `system_site_packages=True` would show the *base* interpreter's packages, which inside a virtual
+    environment are not the ones the tests run with; a .pth file names this environment's folders instead.
+    """
+    venv.create(folder, with_pip=True)
+    python = folder / "bin" / "python"
+    own = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                         capture_output=True, text=True, check=True, timeout=60).stdout.strip()
+    (Path(own) / "test-environment.pth").write_text("\n".join(site_folders_of_this_environment()) + "\n")
+    return folder / "bin"
+
+
 def test_pip_install_gives_a_working_captioner_command(tmp_path):
-    # The dependencies (TensorFlow...) come from this environment; the package itself is built and installed anew.
-    venv.create(tmp_path / "venv", system_site_packages=True, with_pip=True)
-    bin_dir = tmp_path / "venv" / "bin"
+    # The dependencies come from this environment; the package itself is built and installed anew.
+    bin_dir = new_venv_seeing_this_environment(tmp_path / "venv")
     subprocess.run([bin_dir / "pip", "install", "--quiet", "--no-deps", str(ROOT)], check=True, timeout=300,
                    cwd=tmp_path, capture_output=True)
 

@@ -189,9 +189,13 @@ def test_a_step_makes_better_than_average_samples_likelier_and_leaves_the_embedd
 SMALL_RUN_IMAGES = 300  # the first 300 images of the train and dev splits
 CE_EPOCHS = 8  # enough that the cross-entropy model describes its training images fairly (dev CIDEr ~0.27)
 CE_PATIENCE = 3  # on 300 images dev CIDEr wobbles early on: the recipe's patience 1 would stop at a weak model
-SMALL_RUN = dict(images_per_batch=10, learning_rate=5e-5)  # 30 updates an epoch on 300 images
-# Its dev CIDEr moves by about +-0.01 from epoch to epoch: over 3 epochs, seeds 1, 2 and 3 gained 0.013 to 0.025.
+SMALL_RUN = dict(images_per_batch=10, learning_rate=1.5e-4)  # the recipe's rate; 30 updates an epoch on 300 images
 SMALL_RUN_EPOCHS = 3
+# What a 300-image run shows for sure is the reward it optimises: the mean CIDEr-D of its sampled captions rose by
+# 0.080 (0.515 -> 0.595) from the first epoch to the third here, and by 0.076-0.13 over three other seeds and
+# learning rates from 1.5e-4 to 3e-4 (issue 17). Its dev CIDEr does not: on 300 images it moves by +-0.03 from epoch to epoch, up or down, so
+# whether any epoch beats the cross-entropy model is chance; the full recipe's dev gain (README) is its evidence.
+MIN_REWARD_GAIN = 0.03
 
 
 @pytest.fixture(scope="module")
@@ -222,16 +226,20 @@ def small_run(tmp_path_factory) -> dict:
 
 
 @needs_imagenet_mobilenet
-def test_self_critical_training_raises_the_dev_cider(small_run):
+def test_self_critical_training_raises_the_reward_it_optimises_and_scores_every_epoch_on_dev(small_run):
     history = json.loads((small_run["straight"] / HISTORY_FILE).read_text())
-    print("dev CIDEr per self-critical epoch:", [round(c, 4) for c in history["scst_dev_cider"]])
-    facts = small_run["facts"]
-    assert facts["best_epoch"] > 0
-    assert facts["dev_cider_at_best_epoch"] > facts["dev_cider_start"] + 0.005
-    assert history["scst_train_reward"][-1] > history["scst_train_reward"][0]  # it optimises its reward
-    # Epoch 0 is the cross-entropy model as training.train scored it.
+    print("train reward per epoch:", [round(r, 4) for r in history["scst_train_reward"]],
+          "dev CIDEr per epoch:", [round(c, 4) for c in history["scst_dev_cider"]])
+    rewards = history["scst_train_reward"]
+    assert rewards[-1] > rewards[0] + MIN_REWARD_GAIN  # its samples' CIDEr-D rises: it optimises its reward
+    # Every epoch is scored on dev, and the best one is kept (epoch 0: the cross-entropy model, as training.train
+    # scored it, when none beats it).
     ce_history = json.loads((small_run["ce"] / HISTORY_FILE).read_text())
     assert history["scst_dev_cider"][0] == pytest.approx(max(ce_history["dev_cider"]))
+    assert len(history["scst_dev_cider"]) == SMALL_RUN_EPOCHS + 1 and min(history["scst_dev_cider"]) > 0
+    facts = small_run["facts"]
+    assert facts["best_epoch"] == int(np.argmax(history["scst_dev_cider"]))
+    assert facts["dev_cider_at_best_epoch"] == pytest.approx(max(history["scst_dev_cider"]), abs=1e-4)
 
 
 @needs_imagenet_mobilenet
@@ -247,13 +255,17 @@ def test_the_output_is_a_whole_weights_folder_with_the_history_extended(small_ru
     assert len(history["scst_dev_cider"]) == SMALL_RUN_EPOCHS + 1 and len(history["scst_train_reward"]) == SMALL_RUN_EPOCHS
     assert (out / "history.png").read_bytes().startswith(b"\x89PNG")
 
-    def embedding(folder: Path) -> np.ndarray:
+    def model(folder: Path):
         model = build_caption_model(read_folder(folder).config)
         model.load_weights(folder / WEIGHTS_FILE)
-        return model.get_layer("word_embedding").get_weights()[0]
+        return model
 
-    np.testing.assert_array_equal(embedding(out), embedding(ce))  # GloVe stays frozen
-    assert (out / WEIGHTS_FILE).read_bytes() != (ce / WEIGHTS_FILE).read_bytes()
+    trained, start = model(out), model(ce)
+    embedding = lambda m: m.get_layer("word_embedding").get_weights()[0]  # noqa: E731
+    np.testing.assert_array_equal(embedding(trained), embedding(start))  # GloVe stays frozen
+    # The kept weights are the best dev epoch's: the input's own when no epoch beat it.
+    unchanged = all(np.array_equal(a, b) for a, b in zip(trained.get_weights(), start.get_weights()))
+    assert unchanged == (small_run["facts"]["best_epoch"] == 0)
 
 
 @needs_imagenet_mobilenet
