@@ -135,9 +135,10 @@ def decoding_settings(default_max_length: int) -> dict:
             *TOP_P_SLIDER, value=DEFAULTS.top_p, step=0.05, label="Top-p",
             info="Each word is drawn from the likeliest words that together have this probability (1: from all).",
         )
-        seed = gr.Number(
-            None, precision=0, minimum=0, maximum=MAX_SEED, label="Seed (optional)",
-            info="The same seed gives the same caption again; empty: a new caption each time.",
+        # Text, not gr.Number: a Number can't be empty (Gradio 6 shows and sends 0 for None), which would fix every draw.
+        seed = gr.Textbox(
+            "", label="Seed (optional)", placeholder="empty: a new caption each time", max_lines=1,
+            info=f"A whole number from 0 to {MAX_SEED:,}: the same seed gives the same caption again.",
         )
     prefix = gr.Textbox(
         "", label="Start the caption with\u2026 (optional)", placeholder="e.g. a dog", max_lines=1,
@@ -228,7 +229,7 @@ def one_photo_tab(page: CaptionPage, default_max_length: int) -> None:
             candidates = gr.Dataframe(
                 headers=CANDIDATE_HEADERS,
                 datatype=["number", "str", "number", "number", "str"],
-                label="Candidates, ranked by score (beam search: the log-probability with the length penalty)",
+                label="Candidates, ranked by score: the log-probability (with beam search, divided by the length penalty)",
                 elem_id="candidates",
                 interactive=False,
                 wrap=True,

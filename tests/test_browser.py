@@ -100,9 +100,9 @@ def candidate_rows(page) -> list[list[str]]:
 def choose_beam_search(page) -> None:
     tab = one_photo(page)
     beam_width = tab.get_by_text("Beam width", exact=True)
-    tab.get_by_label("Greedy").check()  # the page starts with beam search: go there and back
+    tab.get_by_label("Greedy", exact=True).check()  # the page starts with beam search: go there and back
     expect(beam_width).to_be_hidden()  # only shown for beam search
-    tab.get_by_label("Beam search").check()
+    tab.get_by_label("Beam search", exact=True).check()
     expect(beam_width).to_be_visible()
 
 
@@ -173,6 +173,23 @@ def test_example_click_explains_it_with_the_current_settings(page, problems, app
     assert not problems
 
 
+def test_sampling_shows_its_own_settings_and_a_seed_repeats_its_caption(page, problems, app_url, example_images):
+    tab = one_photo(page)
+    tab.get_by_label("Sampling", exact=True).check()
+    expect(tab.get_by_text("Temperature", exact=True)).to_be_visible()
+    expect(tab.get_by_text("Beam width", exact=True)).to_be_hidden()  # beam search's own settings go
+    seed = tab.get_by_label("Seed (optional)")
+    expect(seed).to_have_value("")  # empty: a new caption each time (not a seed of 0)
+    seed.fill("7")
+    caption_upload(page, example_images[1])
+    expect(page.locator("#facts")).to_contain_text("this caption took", **WAIT)
+    # The page's temperature and top-p start at the API's defaults: the same seed gives the API's caption.
+    expected, _, _ = Client(app_url, verbose=False).predict(handle_file(example_images[1]), "sample", seed=7, api_name="/caption")
+    assert caption_text(page) == expected
+    screenshot(page, "sampling")
+    assert not problems
+
+
 def test_broken_file_shows_our_message_and_the_app_recovers(page, problems, tmp_path, example_images):
     caption_upload(page, example_images[0])
     expect(page.locator("#facts")).to_contain_text("this caption took", **WAIT)
@@ -205,7 +222,7 @@ def test_many_photos_with_a_download(page, problems, example_images, tmp_path, a
     files = [*example_images[:4], bad]
     tab.locator("#batch-files input[type=file]").set_input_files(files)
     expect(tab.get_by_role("button", name="Remove this file")).to_have_count(len(files), **WAIT)  # uploaded
-    tab.get_by_label("Greedy").check()
+    tab.get_by_label("Greedy", exact=True).check()
     tab.get_by_role("button", name="Caption all photos").click()
 
     expect(page.locator("#batch-summary")).to_contain_text("Captioned 4 of 5 photos", **WAIT)

@@ -86,6 +86,11 @@ def test_sampling_options():
     options = decoding_options("Sampling", 99, None, None, None, None, 0.7, 0.9, 42.0)
     assert options == DecodingOptions("sample", temperature=0.7, top_p=0.9, seed=42)
     assert decoding_options("sample", None, None, None).seed is None  # no seed: a new sample each time
+    assert decoding_options("sample", None, None, None, None, None, None, None, " ").seed is None  # the page's box, empty
+    assert decoding_options("sample", None, None, None, None, None, None, None, "7").seed == 7
+    for seed, message in [("seven", "Seed must be a number, not 'seven'"), ("7.5", "Seed must be a whole number")]:
+        with pytest.raises(ValueError, match=message):
+            decoding_options("sample", None, None, None, None, None, None, None, seed)
 
 
 def test_the_handlers_parameters_are_the_apis():
