@@ -32,7 +32,8 @@ from captioner import Captioner, DecodingOptions
 from captioner.explain import OVERLAY_MAX_SIDE, Explanation, overlay
 
 from . import uploads
-from .many_photos import caption_photos, write_csv, write_json
+from .many_photos import caption_photos, read_once, write_csv, write_json
+from .sessions import KEPT_VIEWS, VIEW_GONE
 from .uploads import RequestError, RequestImages
 
 log = logging.getLogger("app")
@@ -190,6 +191,8 @@ class CaptionPage:
         index = event.index
         if kept is None or type(index) is not int or not 0 <= index < len(kept.words):
             return gr.update(), gr.update()
+        if not kept.available:
+            return gr.update(), VIEW_GONE
         return kept.overlay(index), kept.label(index)
 
     @user_facing
@@ -202,10 +205,11 @@ class CaptionPage:
         files = batch_uploads(files)
         start = time.perf_counter()
         thumbnails: dict[int, np.ndarray] = {}  # each photo as it is (aspect kept), for the gallery
+        decode = read_once(lambda upload: self.images.upload(upload, GALLERY_MAX_SIDE))  # a file named twice: once
 
         def reader(position, upload):
             def read():
-                pixels, thumbnails[position] = self.images.upload(upload, GALLERY_MAX_SIDE)
+                pixels, thumbnails[position] = decode(upload)
                 return pixels
             return read
 
@@ -272,6 +276,8 @@ def chosen_word(word, explanation: Explanation) -> int:
     if word is None or word == "":
         return explanation.first_content_word
     try:
+        if isinstance(word, bool):  # True would be word 1, where every other setting refuses booleans
+            raise TypeError
         index = float(word)
     except (TypeError, ValueError):
         raise RequestError(f"The word to show must be its position in the caption (0, 1, ...), not {uploads.for_log(repr(word), 40)}.") from None
@@ -283,24 +289,31 @@ def chosen_word(word, explanation: Explanation) -> int:
 
 @dataclass(frozen=True)
 class ExplainedPhoto:
-    """What a session keeps of its last explanation, for clicks on its words: the words, their probabilities
-    and heatmaps, and the photo as a small JPEG (tens of KB, not the decoded image)."""
+    """What a session keeps of its last explanation, for clicks on its words: the words, their probabilities,
+    and the key of its heatmaps and photo (a small JPEG) in sessions.KEPT_VIEWS, which bounds them in total
+    (about 0.65 MB a session otherwise, for as many sessions as Gradio keeps)."""
 
     words: tuple[str, ...]
     probabilities: tuple[float, ...]
-    heatmaps: np.ndarray  # (words, h, w) float16
-    photo_jpeg: bytes
+    key: str  # of (heatmaps (words, h, w) float16, photo JPEG) in KEPT_VIEWS
 
     @classmethod
     def of(cls, explanation: Explanation, photo: Image.Image) -> ExplainedPhoto:
         buffer = io.BytesIO()
         photo.convert("RGB").save(buffer, "JPEG", quality=PHOTO_JPEG_QUALITY)
-        return cls(tuple(w.word for w in explanation.words), tuple(w.probability for w in explanation.words),
-                   np.stack([w.heatmap for w in explanation.words]).astype(np.float16), buffer.getvalue())
+        heatmaps = np.stack([w.heatmap for w in explanation.words]).astype(np.float16)
+        key = KEPT_VIEWS.put((heatmaps, buffer.getvalue()), heatmaps.nbytes + buffer.tell())
+        return cls(tuple(w.word for w in explanation.words), tuple(w.probability for w in explanation.words), key)
+
+    @property
+    def available(self) -> bool:
+        """False once KEPT_VIEWS has let the heatmaps go (a view not looked at for a long while)."""
+        return KEPT_VIEWS.get(self.key) is not None
 
     def overlay(self, index: int) -> Image.Image:
         """The photo with word `index`'s heatmap over it (the JPEG is this app's own, decoded in-process)."""
-        return overlay(Image.open(io.BytesIO(self.photo_jpeg)), self.heatmaps[index].astype(np.float32))
+        heatmaps, photo_jpeg = KEPT_VIEWS.get(self.key)
+        return overlay(Image.open(io.BytesIO(photo_jpeg)), heatmaps[index].astype(np.float32))
 
     def label(self, index: int) -> str:
         """Markdown under the heatmap: which word it is and how sure the model was of it."""
