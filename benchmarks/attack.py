@@ -10,12 +10,16 @@ requests from --attackers concurrent threads, a shuffled mix of:
   cache, URLs as paths, data: URLs of 12 MB, over-long strings, malformed JSON, too many files in one upload,
   unknown events); request bodies that stall; and the decoder hooks.
 Meanwhile a user captions an example photo every --user-interval seconds and records how long each took.
+Then each finding of issue 18 runs from one client for --scenario-seconds (unsent or trickled bodies, floods
+of /caption_many and /caption, data posted to /stream, file= URLs, failed uploads, ambiguous multipart
+headers, new sessions, inline images' names, word=True) while the user captions every 0.5 s: the user's
+latency, how the attack was answered, the app's memory and its upload cache, per scenario.
 
 Measures the app process's memory (RSS; its decode workers are reported apart) at the start, the peak and the
 end, how long each request took to be answered, and the user's latency while the attack ran. Every answer must
 be a caption or a sentence (an HTTP 4xx with one, or the event's error message); none may go unanswered.
 Targets: every request answered that way; the user served every time, p95 < 5 s; app RSS at the end within
-300 MB of its start; the app still running. Prints a summary, writes --json, exits 1 if a target fails.
+300 MB of its start; the app still running; during each scenario, the user served every time, p95 < 2 s. Prints a summary, writes --json, exits 1 if a target fails.
 The attack's files are built here (a few of tests/hostile_files.py's kinds): benchmarks import nothing from tests/.
 """
 
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import hashlib
 import json
 import random
 import re
@@ -187,6 +192,232 @@ def classify_refusal(response) -> str:
     return f"bad: HTTP {response.status_code} {str(detail)[:120]!r}"
 
 
+# ---- one client per finding of issue 18, a user captioning meanwhile -----------------------------------
+
+ATTACKER = "203.0.113.66"  # the attacker's address, as the proxy reports it (X-Forwarded-For from loopback)
+MAX_SCENARIO_USER_P95_S = 2.0  # issue 18: the user's /caption p95 while one client runs any of these
+
+
+class Scenarios:
+    """Issue 18's findings, each run by one client (ATTACKER) in a loop until `stop` is set; each returns a
+    Counter of how its requests were answered. F9 (a weights folder's config) is the operator's, not a request's."""
+
+    def __init__(self, attack: Attack, photo: bytes):
+        self.attack, self.url = attack, attack.url
+        self.photo = photo
+        self.big_png = attack.files["largest_legal.png"]  # 40 megapixels in 0.7 MB, as in finding 2
+
+    def client(self):
+        import httpx
+
+        return httpx.Client(base_url=self.url + "/gradio_api", timeout=60, headers={"x-forwarded-for": ATTACKER})
+
+    def raw(self, head: str) -> socket.socket:
+        host, port = self.url.removeprefix("http://").split(":")
+        sock = socket.create_connection((host, int(port)), timeout=30)
+        sock.sendall(f"{head}Host: {host}\r\nX-Forwarded-For: {ATTACKER}\r\n\r\n".encode())
+        return sock
+
+    def unsent_bodies(self, stop: threading.Event) -> Counter:
+        """F1: 12 joins declaring 28 MB each and sending nothing, each reopened as soon as it is answered."""
+        head = "POST /gradio_api/queue/join HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: 28000000\r\n"
+        return self._held_bodies(stop, head, 12, None)
+
+    def chunked_trickle(self, stop: threading.Event) -> Counter:
+        """F1, variant: 12 chunked joins trickling a byte every 0.5 s."""
+        head = "POST /gradio_api/call/explain HTTP/1.1\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n"
+        return self._held_bodies(stop, head, 12, b"1\r\n \r\n")
+
+    def _held_bodies(self, stop, head: str, count: int, trickle: bytes | None) -> Counter:
+        answers: Counter = Counter()
+
+        def hold():
+            while not stop.is_set():
+                with self.raw(head) as sock:
+                    sock.settimeout(0.5)
+                    while not stop.is_set():
+                        try:
+                            status = sock.recv(200).split(b"\r\n")[0].decode(errors="replace")
+                            answers[status.split(" ", 2)[1] if " " in status else "closed"] += 1
+                            break
+                        except TimeoutError:
+                            if trickle:
+                                sock.sendall(trickle)
+
+        threads = [threading.Thread(target=hold, daemon=True) for _ in range(count)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        return answers
+
+    def batch_flood(self, stop: threading.Event) -> Counter:
+        """F2: one 40-megapixel PNG, then /caption_many calls naming it 50 times, as fast as they're accepted."""
+        return self._flood(stop, "caption_many", lambda image: [[image] * 50, "greedy"])
+
+    def caption_flood(self, stop: threading.Event) -> Counter:
+        """F2, variant: /caption calls on the same 40-megapixel PNG, as fast as they're accepted."""
+        return self._flood(stop, "caption", lambda image: [image, "greedy"])
+
+    def _flood(self, stop, api: str, data) -> Counter:
+        answers: Counter = Counter()
+        with self.client() as http:
+            image = self.attack.upload(http, self.big_png, "big.png")
+            while not stop.is_set():
+                response = http.post(f"/call/{api}", json={"data": data(image)})
+                answers[f"HTTP {response.status_code}" if response.status_code != 200 else "queued"] += 1
+                if response.status_code != 200:
+                    stop.wait(0.2)
+        return answers
+
+    def stream_data(self, stop: threading.Event) -> Counter:
+        """F3: data naming a URL posted to /stream/{event_id} of the client's own queued event."""
+        answers: Counter = Counter()
+        with self.client() as http:
+            image = self.attack.upload(http, self.big_png, "big.png")
+            while not stop.is_set():
+                joined = http.post("/queue/join", json={"data": [image, "greedy"], "fn_index": 0, "session_hash": "s3"})
+                if joined.status_code != 200:
+                    answers[classify_refusal(joined)] += 1
+                    stop.wait(0.5)
+                    continue
+                body = {"data": [{"path": "http://203.0.113.9/huge.jpg", "meta": FILE_META}], "fn_index": 0, "session_hash": "s3"}
+                answers[classify_refusal(http.post(f"/stream/{joined.json()['event_id']}", json=body))] += 1
+                stop.wait(0.5)
+        return answers
+
+    def file_url(self, stop: threading.Event) -> Counter:
+        """F4: GET /gradio_api/file=<URL> (and proxy=), which Gradio would fetch."""
+        answers: Counter = Counter()
+        with self.client() as http:
+            while not stop.is_set():
+                for path in ("/file=http://203.0.113.9/huge.jpg", "/proxy=http://203.0.113.9/x", "/file=//203.0.113.9/x"):
+                    answers[classify_refusal(http.get(path, headers={"range": "bytes=0-"}))] += 1
+                stop.wait(0.1)
+        return answers
+
+    def failed_uploads(self, stop: threading.Event) -> Counter:
+        """F5: uploads of 12 files of 2 MB whose last is named "..": Gradio fails after storing the others."""
+        answers: Counter = Counter()
+        files = [("files", (f"{i}.jpg", bytes(2 * 2**20))) for i in range(11)] + [("files", ("..", b"x"))]
+        with self.client() as http:
+            while not stop.is_set():
+                response = http.post("/upload", files=files)
+                answers[f"HTTP {response.status_code}"] += 1
+        return answers
+
+    def ambiguous_boundaries(self, stop: threading.Event) -> Counter:
+        """F6: 300 files per upload behind a BOUNDARY= in capitals, two boundary= or an escaped quote."""
+        answers: Counter = Counter()
+        part = b'--xyz\r\nContent-Disposition: form-data; name="files"; filename="a.jpg"\r\n\r\nxxxx\r\n'
+        body = part * 300 + b"--xyz--\r\n"
+        with self.client() as http:
+            while not stop.is_set():
+                for content_type in ("multipart/form-data; BOUNDARY=xyz", "multipart/form-data; boundary=abc; boundary=xyz",
+                                     'multipart/form-data; boundary="xyz\\""'):
+                    answers[classify_refusal(http.post("/upload", content=body, headers={"content-type": content_type}))] += 1
+        return answers
+
+    def new_sessions(self, stop: threading.Event) -> Counter:
+        """F7: /explain of a 768-pixel photo from a new session each time (the session keeps its view)."""
+        answers: Counter = Counter()
+        with self.client() as http:
+            image = self.attack.upload(http, self.photo, "photo.jpg")
+            index = next(i for i, e in enumerate(http.get(self.url + "/config").json()["dependencies"]) if e["api_name"] == "explain")
+            while not stop.is_set():
+                session = f"s{random.getrandbits(64):x}"
+                joined = http.post("/queue/join", json={"data": [image, "greedy"], "fn_index": index, "session_hash": session})
+                if joined.status_code != 200:
+                    answers[classify_refusal(joined)] += 1
+                    continue
+                with http.stream("GET", "/queue/data", params={"session_hash": session}) as stream:
+                    for line in stream.iter_lines():
+                        if '"process_completed"' in line:
+                            answers["explained" if '"success": true' in line or '"success":true' in line else "error"] += 1
+                            break
+        return answers
+
+    def inline_names(self, stop: threading.Event) -> Counter:
+        """F8: a data: URL image, then GET file= of the path its bytes' sha256 would give."""
+        answers: Counter = Counter()
+        url = "data:image/jpeg;base64," + base64.b64encode(self.photo).decode()
+        guessed = f"{self.attack.upload_dir}/{hashlib.sha256(self.photo).hexdigest()}/inline-image"
+        with self.client() as http:
+            while not stop.is_set():
+                self.attack.call(http, json.dumps({"data": [{"path": None, "url": url}, "greedy"]}))
+                answers["guessed path answered" if http.get(f"/file={guessed}").status_code == 200 else "guess refused"] += 1
+        return answers
+
+    def boolean_word(self, stop: threading.Event) -> Counter:
+        """F10: /explain with word=True."""
+        answers: Counter = Counter()
+        with self.client() as http:
+            image = self.attack.upload(http, self.photo, "photo.jpg")
+            while not stop.is_set():
+                response = http.post("/call/explain", json={"data": [image, "greedy", None, None, None, None, True]})
+                kind, message = event_result(http, "explain", response.json()["event_id"])
+                answers["sentence" if kind == "error" and SENTENCE.fullmatch(str(message)) else f"bad: {kind}"] += 1
+        return answers
+
+
+SCENARIOS = {
+    "F1 unsent bodies": Scenarios.unsent_bodies, "F1 chunked trickle": Scenarios.chunked_trickle,
+    "F2 batch flood": Scenarios.batch_flood, "F2 caption flood": Scenarios.caption_flood,
+    "F3 stream data": Scenarios.stream_data, "F4 file= URL": Scenarios.file_url, "F5 failed uploads": Scenarios.failed_uploads,
+    "F6 ambiguous boundaries": Scenarios.ambiguous_boundaries, "F7 new sessions": Scenarios.new_sessions,
+    "F8 inline names": Scenarios.inline_names, "F10 word=True": Scenarios.boolean_word,
+}
+
+
+def run_scenarios(app, attack: Attack, photos: list[bytes], seconds: float, progress) -> dict:
+    """Each scenario for `seconds` while a user captions every 0.5 s: the user's latency, the attack's answers,
+    the app's memory and upload cache."""
+    import psutil
+
+    process, scenarios, results = psutil.Process(app.process.pid), Scenarios(attack, photos[0]), {}
+    for name, scenario in SCENARIOS.items():
+        progress(f"scenario {name} ({seconds:g} s) ...")
+        stop, latencies, failures = threading.Event(), [], []
+        rss_start, cache_start = process.memory_info().rss / 1e6, _folder_mb(app.upload_dir)
+
+        def user():
+            with attack.client() as http:
+                image = attack.upload(http, photos[1])
+                while not stop.is_set():
+                    start = time.monotonic()
+                    answer = attack.caption(http, image, "beam")
+                    (latencies if answer == "caption" else failures).append(time.monotonic() - start)
+                    stop.wait(0.5)
+
+        answers: Counter = Counter()
+        attacker = threading.Thread(target=lambda: answers.update(scenario(scenarios, stop)), daemon=True)
+        user_thread = threading.Thread(target=user, daemon=True)
+        attacker.start()
+        time.sleep(1.0)  # the attack under way before the user comes
+        user_thread.start()
+        time.sleep(seconds)
+        stop.set()
+        user_thread.join(timeout=60)
+        attacker.join(timeout=60)
+        results[name] = {"user": summarise(latencies), "user_failures": len(failures), "attack_answers": dict(answers),
+                         "rss_growth_mb": round(process.memory_info().rss / 1e6 - rss_start, 1),
+                         "upload_cache_mb": [round(cache_start, 1), round(_folder_mb(app.upload_dir), 1)]}
+        _drain(attack)  # the attack's queued events finish before the next scenario
+    return results
+
+
+def _drain(attack: Attack, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    with attack.client() as http:
+        while time.monotonic() < deadline and http.get("/queue/status").json().get("queue_size", 0):
+            time.sleep(1.0)
+    time.sleep(1.0)
+
+
+def _folder_mb(folder: Path) -> float:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 1e6
+
+
 def run(args: argparse.Namespace) -> dict:
     import psutil
 
@@ -248,6 +479,7 @@ def run(args: argparse.Namespace) -> dict:
         time.sleep(1.0)  # let the last answers' buffers go
         rss_end = process.memory_info().rss / 1e6
         workers_mb = sum(child.memory_info().rss for child in process.children()) / 1e6
+        scenarios = run_scenarios(app, attack, photos, args.scenario_seconds, progress) if args.scenario_seconds else {}
         alive = app.process.poll() is None
         log_tail = app.output_tail(3000)
 
@@ -263,6 +495,10 @@ def run(args: argparse.Namespace) -> dict:
          f"{len(user_latencies)} served, {len(user_failures)} failed"),
         (f"the user's p95 < {MAX_USER_P95_S:g} s", user.get("p95_ms", 1e9) < MAX_USER_P95_S * 1000, f"{user.get('p95_ms')} ms"),
         (f"app RSS growth < {MAX_GROWTH_MB:g} MB", growth < MAX_GROWTH_MB, f"{growth:+.1f} MB"),
+        *((f"{name}: the user served every time, p95 < {MAX_SCENARIO_USER_P95_S:g} s",
+           not result["user_failures"] and result["user"].get("p95_ms", 1e9) < MAX_SCENARIO_USER_P95_S * 1000,
+           f"{result['user'].get('count', 0)} served, {result['user_failures']} failed, p95 {result['user'].get('p95_ms')} ms")
+          for name, result in scenarios.items()),
         ("the app still running", alive, "" if alive else "it exited"),
         ("the first caption", first == "caption", first),
     ]
@@ -278,6 +514,7 @@ def run(args: argparse.Namespace) -> dict:
         "memory": {"rss_start_mb": round(rss_start, 1), "rss_end_mb": round(rss_end, 1), "growth_mb": round(growth, 1),
                    "rss_peak_mb": round(monitor.peak / 1e6, 1), "rss_timeline_mb": monitor.timeline_mb(),
                    "decode_workers_rss_mb": round(workers_mb, 1)},
+        "scenarios": scenarios,
         "checks": [{"name": name, "pass": bool(ok), "detail": detail} for name, ok, detail in checks],
         "all_pass": all(ok for _, ok, _ in checks),
         "server_log_tail": log_tail if bad or not alive else "",
@@ -304,6 +541,14 @@ def report(results: dict) -> str:
                       for kind, s in [*results["latency_by_kind"].items(), ("the user, during the attack", results["user_latency"])]],
                      ["", "requests", "p50", "p95", "max"]),
     ]
+    if results.get("scenarios"):
+        out += ["", f"One client per finding of issue 18 ({ATTACKER}), a user captioning every 0.5 s meanwhile",
+                format_table([[name, r["user"].get("count", 0), r["user_failures"], r["user"].get("p50_ms"), r["user"].get("p95_ms"),
+                               r["user"].get("max_ms"), ", ".join(f"{k} {v}" for k, v in sorted(r["attack_answers"].items())),
+                               f"{r['rss_growth_mb']:+.0f}", " -> ".join(map(str, r["upload_cache_mb"]))]
+                              for name, r in results["scenarios"].items()],
+                             ["scenario", "user ok", "failed", "p50 ms", "p95 ms", "max ms", "the attack's answers",
+                              "RSS MB", "cache MB"])]
     if results["first_bad"]:
         out += ["", "Not answered with a caption or a sentence:"] + [f"  {line}" for line in results["first_bad"]]
     out += ["", "Checks", format_table([[c["name"], "PASS" if c["pass"] else "FAIL", c["detail"]] for c in results["checks"]])]
@@ -321,6 +566,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--user-interval", type=float, default=0.5, help="seconds between the user's captions (default: %(default)s)")
     parser.add_argument("--timeout-s", type=float, default=900.0, help="time limit for the attack (default: %(default)s)")
     parser.add_argument("--startup-timeout", type=float, default=180.0, help="seconds for the app to start (default: %(default)s)")
+    parser.add_argument("--scenario-seconds", type=float, default=15.0,
+                        help="how long each of issue 18's scenarios runs (0: none; default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="shuffles the requests (default: %(default)s)")
     parser.add_argument("--json", type=Path, metavar="FILE", default=DEFAULT_JSON, help="where to write the results (default: %(default)s)")
     args = parser.parse_args(argv)
