@@ -347,7 +347,7 @@ def test_a_call_with_only_the_image_uses_the_defaults(http, photo):
     [{"data": [5, "greedy", 5, None, None]}, {"data": [[1, 2], "greedy", 5, None, None]},
      {"data": [{"path": 5}, "greedy", 5, None, None]}, {"data": [{"path": None, "meta": FILE_META}]},
      {"data": "photo.jpg"}, {"data": None}, [1, 2], "not an object", {"data": [{"path": None, "url": "data:image/png;base64,%%"}]},
-     {"data": ["PHOTO", "sampling", 5, None, None]}, {"data": ["PHOTO", "beam", 500, None, None]},
+     {"data": ["PHOTO", "nucleus", 5, None, None]}, {"data": ["PHOTO", "beam", 500, None, None]},
      {"data": ["PHOTO", "beam", "five", None, None]}, {"data": ["PHOTO", "beam", 5, -3, None]},
      {"data": ["PHOTO", "beam", 5, None, float("nan")]}, {"data": ["PHOTO", {"path": None}, 5, None, None]}],
     ids=lambda body: json.dumps(body)[:60],
