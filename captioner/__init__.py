@@ -1,22 +1,22 @@
 """An image captioner: a frozen ImageNet CNN and a GloVe-initialised LSTM (the merge model)."""
 
-from .decoding import DecodingOptions, StepDecoder
-from .image import InvalidImageError, load_image
-from .inference import Caption, Captioner
+from .decoding import Caption, DecodingOptions
 from .encoder import ENCODERS, ImageEncoder
-from .model import ModelConfig, build_caption_model
+from .image import InvalidImageError, load_image
+from .inference import Captioner
+from .model import ModelConfig, StepModel, build_caption_model
 from .vocabulary import Vocabulary, normalize_caption
 from .weights import WeightsError
 
 __all__ = [
+    "ENCODERS",
     "Caption",
     "Captioner",
     "DecodingOptions",
-    "ENCODERS",
     "ImageEncoder",
     "InvalidImageError",
     "ModelConfig",
-    "StepDecoder",
+    "StepModel",
     "Vocabulary",
     "WeightsError",
     "build_caption_model",

@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from .cli import add_decoding_arguments, add_model_arguments, check_model_arguments, decoding_options
-from .image import IMAGE_SUFFIXES, InvalidImageError, _read_bytes
+from .image import IMAGE_SUFFIXES, InvalidImageError, read_image_bytes
 
 # Images per batch: each goes through the encoder in chunks of encoder.BATCH_SIZE and then through the
 # decoder at once, where beam search amortises its per-step work over all the batch's beams.
@@ -258,7 +258,7 @@ def _cut_unfinished_line(path: Path) -> None:
 def read_pixels(pool, path: str, size: tuple[int, int]) -> np.ndarray | str:
     """One file -> its (h, w, 3) uint8 pixels for the encoder, or the sentence saying why it can't be used."""
     try:
-        return pool.prepare_pixels(_read_bytes(path), size)
+        return pool.prepare_pixels(read_image_bytes(path), size)
     except InvalidImageError as exc:
         return str(exc)
 
@@ -270,14 +270,10 @@ def caption_prepared(captioner, paths: list[str], prepared: list, options) -> li
 
 def encode_prepared(captioner, prepared: list) -> np.ndarray:
     """What read_pixels gave for a batch's files -> the features of those it could read, in order."""
-    from .encoder import BATCH_SIZE as ENCODER_BATCH
-
     pixels = [p for p in prepared if not isinstance(p, str)]
     if not pixels:
         return np.zeros((0, captioner.config.feature_dim), np.float32)
-    pixels = np.stack(pixels)
-    chunks = [pixels[i : i + ENCODER_BATCH] for i in range(0, len(pixels), ENCODER_BATCH)]  # as caption_batch encodes
-    return np.concatenate([captioner.encoder.encode_pixels(chunk) for chunk in chunks])
+    return captioner.encode_pixels(np.stack(pixels))
 
 
 def decode_prepared(captioner, paths: list[str], prepared: list, features: np.ndarray, options) -> list[dict]:

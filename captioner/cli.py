@@ -1,7 +1,7 @@
 """The command line, and the flags every entry point shares.
 
     captioner photo.jpg [more.jpg ...] [--method beam] [--beam-width 5] [--prefix "a dog"] [--weights DIR | --repo ID]
-              [--json] [--explain OUT_DIR]
+              [--method sample [--temperature 1] [--top-p 0.9] [--seed N]] [--json] [--explain OUT_DIR]
     (or python -m captioner ...)
 
 `add_model_arguments` and `add_decoding_arguments` are the one definition of the model-choosing and
@@ -23,6 +23,9 @@ DECODING_FLAGS = {  # DecodingOptions field -> its flag (the field's default is 
     "length_penalty": "--length-penalty",
     "prefix": "--prefix",
     "no_repeat_ngram_size": "--no-repeat-ngram-size",
+    "temperature": "--temperature",
+    "top_p": "--top-p",
+    "seed": "--seed",
 }
 
 
@@ -50,6 +53,11 @@ def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--length-penalty", type=float, help=f"GNMT length penalty for beam search (default: {defaults.length_penalty:g})")
     group.add_argument("--prefix", help='words the caption must start with, e.g. "a dog"')
     group.add_argument("--no-repeat-ngram-size", type=int, help="forbid repeating any n-gram of this size (default: off)")
+    group.add_argument("--temperature", type=float,
+                       help=f"sampling: below 1 safer words, above 1 more varied ones (default: {defaults.temperature:g})")
+    group.add_argument("--top-p", type=float,
+                       help=f"sampling: draw among the likeliest words holding this much probability (default: {defaults.top_p:g})")
+    group.add_argument("--seed", type=int, help="sampling: the same seed gives an image the same caption (default: a new draw each time)")
 
 
 def decoding_options(args: argparse.Namespace):

@@ -1,31 +1,35 @@
-"""Decoding: the trained network run one token at a time, and the greedy and beam-search decoders over it.
+"""Decoding: an image's features in, its captions out, one token at a time (after openai/whisper's decoding.py).
 
-`DecodingOptions` is the one description of how to decode: the app maps its widgets to it, the CLI its
-flags, the batch job and training's dev scorer pass it whole, and its checks are the only range checks.
+    DecodingOptions  how to decode: the one description the app, the CLI, the batch job and training pass
+                     whole, and the only range checks
+    DecodingTask     one setting resolved for one model: the prompt's tokens, the step budget, the logit
+                     filters and the decoder, worked out once; its `run` is the one decoding loop
+    TokenDecoder     how the next tokens are chosen: GreedyDecoder, BeamSearchDecoder, SamplingDecoder
+    LogitFilter      a rule that forbids tokens at a step: NoRepeatNgram
+    Hypothesis       one caption's tokens, log-probability and score; Caption, one image's result
 
-`StepDecoder` runs the caption model's trained weights in NumPy, carrying the LSTM state, so that both
-decoders take a batch of images and run every live hypothesis of every image in one step per word.
-Tokens a caption must never contain (padding, start, unknown) are forbidden by giving them zero
-probability before choosing, and the end token is forbidden as the first word, so no caption is empty
-and none has holes where a token was cut out later.
+Each step the network (model.StepModel) gives every live caption's next-token logits, and the task turns
+them into log-probabilities in one place, `DecodingTask.log_probs`: the model's softmax over the tokens a
+caption may contain (the vocabulary's rule: never padding, start or unknown, and <end> never first, so that
+no caption is empty and none has holes where a token was cut out later), then each logit filter. The decoder
+chooses from them and says which captions go on; the task keeps the network state of those.
+
+Adding a decoding method: a TokenDecoder in DECODERS, and its fields in DecodingOptions with their checks.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 from threadpoolctl import threadpool_limits
 
+from .model import StepModel
 from .vocabulary import Vocabulary, normalize_caption
 
-if TYPE_CHECKING:
-    import keras
-
-METHODS = ("greedy", "beam")
+METHODS = ("greedy", "beam", "sample")  # DECODERS, at the end, gives each its TokenDecoder
 # Beam search costs in proportion to its width; width 10 already scores below 3 and 5 on the dev split.
 BEAM_WIDTHS = (1, 10)
 # The longest training caption has 38 tokens: 100 is far beyond any useful caption and bounds a request's work.
@@ -34,24 +38,35 @@ LENGTH_PENALTIES = (0.0, 5.0)
 # A prompt is the start of a caption: a few words (and a bounded cost to read back to the user in errors).
 MAX_PREFIX_WORDS, MAX_PREFIX_CHARS = 20, 200
 NO_REPEAT_NGRAM_SIZES = (0, 2, 3, 4)  # 0: off; 1 would forbid repeating any word, even "a"
+# Below 0.1 sampling picks the likeliest word nearly every time (greedy decoding does that exactly); above 2
+# the unlikely words are drawn about as often as the likely ones and the captions stop making sense.
+TEMPERATURES = (0.1, 2.0)
+MAX_SEED = 2**32 - 1  # any seed NumPy takes; a page's number field holds it exactly
 
 
 @dataclass(frozen=True)
 class DecodingOptions:
     """How to decode. The defaults are the recommended decoding: the setting that scored best on the dev split."""
 
-    method: str = "beam"  # "greedy" or "beam"
+    method: str = "beam"  # "greedy", "beam" or "sample"
     beam_width: int = 5  # used by "beam"; beam search of width 1 is greedy
     max_new_tokens: int | None = None  # most tokens to generate after the prefix, <end> included; None: the model's
     length_penalty: float = 2.0  # beam search ranks by GNMT log_prob / ((5 + length) / 6) ** alpha; 0: by log_prob
     prefix: str = ""  # words the caption must start with ("a dog"); decoding continues after them
     no_repeat_ngram_size: int = 0  # forbid any n-gram of this size from appearing twice in a caption; 0: off
+    # "sample" draws each word at random from the model's probabilities raised to 1 / temperature (below 1:
+    # safer captions; above 1: more varied), among the likeliest words that together hold top_p of the
+    # probability (nucleus sampling, Holtzman et al. 2020, whose 0.9 cuts off the long tail of unlikely words).
+    temperature: float = 1.0
+    top_p: float = 0.9
+    seed: int | None = None  # "sample": the same seed gives an image the same caption; None: a new draw each time
 
     def __post_init__(self):
         # Requests bring numbers as floats or strings: check and convert them here, with sentences for users.
+        # Every field is checked, whichever method uses it.
         method = str(self.method).strip().lower()
         if method not in METHODS:
-            raise ValueError(f"The decoding method must be 'greedy' or 'beam', not {_shown(self.method)}.")
+            raise ValueError(f"The decoding method must be 'greedy', 'beam' or 'sample', not {_shown(self.method)}.")
         object.__setattr__(self, "method", method)
         object.__setattr__(self, "beam_width", _whole_number(self.beam_width, "Beam width", *BEAM_WIDTHS))
         if self.max_new_tokens is not None:
@@ -65,6 +80,13 @@ class DecodingOptions:
         if size not in NO_REPEAT_NGRAM_SIZES:
             raise ValueError(f"No-repeat n-gram size must be one of {', '.join(map(str, NO_REPEAT_NGRAM_SIZES))}, not {size}.")
         object.__setattr__(self, "no_repeat_ngram_size", size)
+        object.__setattr__(self, "temperature", _number(self.temperature, "Temperature", *TEMPERATURES))
+        top_p = _number(self.top_p, "Top-p", 0.0, 1.0)
+        if top_p == 0:
+            raise ValueError("Top-p must be more than 0 (and at most 1): sampling needs at least one word to draw from.")
+        object.__setattr__(self, "top_p", top_p)
+        if self.seed is not None:
+            object.__setattr__(self, "seed", _whole_number(self.seed, "Seed", 0, MAX_SEED))
 
 
 def _shown(value, limit: int = 40) -> str:
@@ -79,7 +101,7 @@ def _number(value, name: str, low: float, high: float) -> float:
     except (TypeError, ValueError):
         raise ValueError(f"{name} must be a number, not {_shown(value)}.") from None
     if not math.isfinite(number) or not low <= number <= high:
-        raise ValueError(f"{name} must be between {low:g} and {high:g}, not {_shown(value)}.")
+        raise ValueError(f"{name} must be between {_bound(low)} and {_bound(high)}, not {_shown(value)}.")
     return number
 
 
@@ -92,144 +114,8 @@ def _whole_number(value, name: str, low: int, high: int) -> int:
     return int(number)
 
 
-@dataclass(frozen=True)
-class Hypothesis:
-    tokens: tuple[int, ...]  # the caption's tokens (the prefix's included), without <start>, ending with <end> if finished
-    log_prob: float  # sum of the tokens' log-probabilities
-
-
-# ---- the network, one step at a time -------------------------------------------------------------
-
-
-class StepDecoder:
-    """Runs the trained caption model one token at a time, in NumPy.
-
-    Decoding calls the network once per generated word; going through
-    TensorFlow costs about a millisecond per call on a CPU, more than the math
-    itself, so the step is plain NumPy on the trained layers' weights. It
-    carries the LSTM state forward instead of re-running the prefix.
-    `tests/test_decoding.py` checks it against the Keras model's probabilities.
-    """
-
-    def __init__(self, model: keras.Model | Mapping[str, Sequence[np.ndarray]]):
-        """model: the Keras caption model, or its layers' weights by layer name (weights.read_decoder_weights)."""
-        layer_weights = model.__getitem__ if isinstance(model, Mapping) else lambda name: model.get_layer(name).get_weights()
-        weights = lambda name: [np.asarray(w, dtype=np.float32) for w in layer_weights(name)]  # noqa: E731
-        self.image_kernel, self.image_bias = weights("image_dense")
-        (embeddings,) = weights("word_embedding")
-        kernel, self.recurrent_kernel, lstm_bias = weights("text_lstm")
-        # Each token's input projection, precomputed: one row lookup instead of a matmul per step.
-        self.token_gates = embeddings @ kernel + lstm_bias
-        self.decoder_kernel, self.decoder_bias = weights("decoder_dense")
-        self.output_kernel, self.output_bias = weights("next_word")
-        self.units = units = self.recurrent_kernel.shape[0]
-        # What `step` multiplies by: the gates in the order input, forget, output, cell, the three sigmoid
-        # gates' halved so that one tanh gives all four, as sigmoid(x) = (tanh(x / 2) + 1) / 2 (halving is exact
-        # in floating point: the same numbers as the gate-by-gate form, Keras' order input, forget, cell, output,
-        # with fewer NumPy calls). The recurrent kernel is stored gate by gate, (4, units, units): one np.matmul
-        # gives the four gates as (n, units) arrays, bit for bit the product by the whole (units, 4 * units)
-        # matrix, and faster for a few rows (for 5 rows ~55 us against ~140; see `_logits`).
-        order = np.r_[0 : 2 * units, 3 * units : 4 * units, 2 * units : 3 * units]
-        scale = np.repeat(np.array([0.5, 0.5, 0.5, 1.0], np.float32), units)
-        self._step_token_gates = np.ascontiguousarray(self.token_gates[:, order] * scale)
-        self._step_recurrent_kernel = _column_blocks(self.recurrent_kernel[:, order] * scale, units)
-        # The output layer also in blocks of columns, for `_logits`.
-        self._output_kernel_blocks = _column_blocks(self.output_kernel, OUTPUT_BLOCK_COLUMNS)
-        self._output_bias_blocks = _column_blocks(self.output_bias[None], OUTPUT_BLOCK_COLUMNS)[:, 0]
-
-    def project_image(self, features: np.ndarray) -> np.ndarray:
-        """(n, feature_dim) features -> (n, units) image branch (dropout is off at inference)."""
-        return np.maximum(np.asarray(features, np.float32) @ self.image_kernel + self.image_bias, 0.0)
-
-    def initial_state(self, n: int) -> tuple[np.ndarray, np.ndarray]:
-        zeros = np.zeros((n, self.units), np.float32)
-        return zeros, zeros.copy()
-
-    def step(self, image: np.ndarray, tokens: np.ndarray, state: tuple[np.ndarray, np.ndarray]):
-        """One token per row -> (next-token logits (n, vocab), new state); softmax gives the model's probabilities.
-
-        image: (n, units) projected image branch, or (1, units) for rows that all show the same image.
-        """
-        h, c = state
-        gates = self._step_token_gates[tokens]  # a new array: the in-place steps below don't touch the table
-        gates = gates.reshape(len(gates), 4, self.units).swapaxes(0, 1)  # a view, gate by gate: (4, n, units)
-        gates += np.matmul(h, self._step_recurrent_kernel)
-        np.tanh(gates, out=gates)
-        sigmoids = gates[:3]
-        sigmoids *= 0.5
-        sigmoids += 0.5
-        input_gate, forget_gate, output_gate, cell_input = gates
-        c = forget_gate * c
-        c += input_gate * cell_input
-        h = np.tanh(c)
-        h *= output_gate
-        hidden = (image + h) @ self.decoder_kernel
-        hidden += self.decoder_bias
-        np.maximum(hidden, 0.0, out=hidden)
-        return self._logits(hidden), (h, c)
-
-    def _logits(self, hidden: np.ndarray) -> np.ndarray:
-        """hidden @ output_kernel + output_bias, computed block of columns by block for a few rows.
-
-        NumPy's OpenBLAS multiplies a few rows by a whole (256, vocab) matrix slowly: (5, 256) @ (256, 1564)
-        took ~200-240 us, the same product as 25 products by (256, 64) blocks of columns (one np.matmul over
-        the stacked blocks) ~95 us, here the same numbers bit for bit for the bundled model. One row (a vector
-        product) and many rows (a batch of images' beams) are as fast or faster whole.
-        """
-        rows = len(hidden)
-        if not 1 < rows <= MAX_ROWS_BY_BLOCKS:
-            logits = hidden @ self.output_kernel
-            logits += self.output_bias
-            return logits
-        by_block = np.matmul(hidden, self._output_kernel_blocks)  # (blocks, rows, columns of a block)
-        logits = np.empty((rows, *self._output_bias_blocks.shape), np.float32)
-        np.add(by_block.transpose(1, 0, 2), self._output_bias_blocks, out=logits)
-        return logits.reshape(rows, -1)[:, : self.output_kernel.shape[1]]  # without the last block's padding
-
-
-# `StepDecoder._logits`' blocks: of the widths measured (32 to 391 columns), 64 was about the fastest for 2 to 20
-# rows, where it took half the time of the whole matrix or less; from 32 rows on it was no faster
-# (artifacts/decode_bench.py --products).
-OUTPUT_BLOCK_COLUMNS = 64
-MAX_ROWS_BY_BLOCKS = 24
-
-
-def _column_blocks(matrix: np.ndarray, width: int) -> np.ndarray:
-    """(rows, columns) -> (blocks, rows, width): its columns in consecutive blocks, the last padded with zeros."""
-    rows, columns = matrix.shape
-    blocks = -(-columns // width)
-    padded = np.zeros((rows, blocks * width), np.float32)
-    padded[:, :columns] = matrix
-    return np.ascontiguousarray(padded.reshape(rows, blocks, width).transpose(1, 0, 2))
-
-
-def limit_blas_threads() -> None:
-    """Make NumPy's BLAS single-threaded, for the whole process: the entry points (app, CLI, batch job,
-    benchmarks) call it once.
-
-    The step decoder multiplies a few rows (the beams) by 256-row matrices. Spreading such small products
-    over threads costs more than it saves, and next to TensorFlow's own threads (the encoder, another
-    request's encoder) BLAS threads oversubscribe the CPU: on 2 busy cores, beam search of width 5 took
-    ~300 ms per caption with OpenBLAS' default threads and ~10 ms single-threaded (benchmarks/speed.py).
-    TensorFlow doesn't use NumPy's BLAS, so the encoder is unaffected.
-    """
-    threadpool_limits(1, user_api="blas")
-
-
-# ---- decoding ------------------------------------------------------------------------------------
-
-
-def decode(
-    step_decoder: StepDecoder, vocab: Vocabulary, image_features: np.ndarray, options: DecodingOptions, max_new_tokens: int
-) -> list[list[Hypothesis]]:
-    """(n, feature_dim) features -> for each image, its hypotheses best first.
-
-    max_new_tokens: the model's budget, used where options.max_new_tokens is None.
-    """
-    image = step_decoder.project_image(image_features)
-    if options.method == "greedy":
-        return [[h] for h in greedy_decode(step_decoder, vocab, image, options, max_new_tokens)]
-    return beam_search_decode(step_decoder, vocab, image, options, max_new_tokens)
+def _bound(number: float) -> str:
+    return f"{int(number):,}" if float(number).is_integer() else f"{number:g}"
 
 
 def prefix_ids(vocab: Vocabulary, prefix: str) -> tuple[int, ...]:
@@ -242,205 +128,425 @@ def prefix_ids(vocab: Vocabulary, prefix: str) -> tuple[int, ...]:
     return tuple(vocab.stoi[w] for w in words)
 
 
-def allowed_log_probs(logits: np.ndarray, vocab: Vocabulary, first_step: bool) -> np.ndarray:
-    """Log-softmax over the tokens a caption may contain at this step."""
-    log_probs = logits + _forbidden_tokens(vocab, first_step)  # a new array, -inf where forbidden
-    log_probs -= log_probs.max(axis=-1, keepdims=True)
-    log_probs -= np.log(np.exp(log_probs).sum(axis=-1, keepdims=True))
-    return log_probs
+def limit_blas_threads() -> None:
+    """Make NumPy's BLAS single-threaded, for the whole process: the entry points (app, CLI, batch job,
+    training, benchmarks) call it once.
 
-
-_FORBIDDEN: dict[tuple, np.ndarray] = {}
-
-
-def _forbidden_tokens(vocab: Vocabulary, first_step: bool) -> np.ndarray:
-    """(vocab,) float32: -inf for the tokens a caption never contains (and <end> as its first word), else 0."""
-    forbidden = (*vocab.forbidden_ids, vocab.end_id) if first_step else tuple(vocab.forbidden_ids)
-    key = (len(vocab), forbidden)
-    if key not in _FORBIDDEN:
-        mask = np.zeros(len(vocab), np.float32)
-        mask[list(forbidden)] = -np.inf
-        _FORBIDDEN[key] = mask
-    return _FORBIDDEN[key]
-
-
-def forbid_repeated_ngrams(log_probs: np.ndarray, captions: np.ndarray, n: int) -> None:
-    """In place: the tokens that would make an n-gram of a row's caption appear twice get zero probability.
-
-    captions: (rows, length) tokens so far, one row per row of log_probs (beams all have the same length).
+    The step model multiplies a few rows (the beams) by 256-row matrices. Spreading such small products
+    over threads costs more than it saves, and next to TensorFlow's own threads (the encoder, another
+    request's encoder) BLAS threads oversubscribe the CPU: on 2 busy cores, beam search of width 5 took
+    ~300 ms per caption with OpenBLAS' default threads and ~10 ms single-threaded (benchmarks/speed.py).
+    TensorFlow doesn't use NumPy's BLAS, so the encoder is unaffected.
     """
-    captions = np.asarray(captions)
-    if n == 0 or captions.shape[1] < n:
-        return
-    ending = captions[:, captions.shape[1] - n + 1 :]  # the last n - 1 tokens: an n-gram's first n - 1
-    earlier = np.lib.stride_tricks.sliding_window_view(captions[:, :-1], n - 1, axis=1)  # each earlier (n-1)-gram
-    rows, starts = np.nonzero((earlier == ending[:, None, :]).all(axis=2))
-    log_probs[rows, captions[rows, starts + n - 1]] = -np.inf  # the token that followed it then
+    threadpool_limits(1, user_api="blas")
 
 
-def _start(step_decoder: StepDecoder, vocab: Vocabulary, image: np.ndarray, prefix: tuple[int, ...]):
-    """Feed <start> and the prefix to every row: -> (state, logits after the last one, the prefix's log-prob)."""
-    n = len(image)
-    state = step_decoder.initial_state(n)
-    logits, state = step_decoder.step(image, np.full(n, vocab.start_id), state)
-    log_prob = np.zeros(n)
-    for position, token in enumerate(prefix):
-        log_prob += allowed_log_probs(logits, vocab, first_step=position == 0)[:, token]
-        logits, state = step_decoder.step(image, np.full(n, token), state)
-    return state, logits, log_prob
+# ---- results -------------------------------------------------------------------------------------
 
 
-def greedy_decode(
-    step_decoder: StepDecoder, vocab: Vocabulary, image: np.ndarray, options: DecodingOptions, max_new_tokens: int
-) -> list[Hypothesis]:
-    """The most likely next token at each step. image: the projected image branch (StepDecoder.project_image).
-
-    All images step together; an image's row leaves the batch once its caption has ended.
-    """
-    n, prefix = len(image), prefix_ids(vocab, options.prefix)
-    steps = options.max_new_tokens or max_new_tokens
-    if n == 1:
-        return [_greedy_one_image(step_decoder, vocab, image, options, prefix, steps)]
-    state, logits, log_probs = _start(step_decoder, vocab, image, prefix)
-    captions = np.empty((n, len(prefix) + steps), np.int64)
-    captions[:, : len(prefix)] = prefix
-    lengths = np.full(n, len(prefix) + steps)
-    rows = np.arange(n)  # the images whose captions go on
-    for step in range(steps):
-        length = len(prefix) + step  # tokens so far
-        if step:
-            logits, state = step_decoder.step(image[rows], tokens, state)
-        step_log_probs = allowed_log_probs(logits, vocab, first_step=not prefix and step == 0)
-        if options.no_repeat_ngram_size:
-            forbid_repeated_ngrams(step_log_probs, captions[rows, :length], options.no_repeat_ngram_size)
-        tokens = step_log_probs.argmax(axis=-1)
-        log_probs[rows] += step_log_probs[np.arange(len(rows)), tokens]
-        captions[rows, length] = tokens
-        ended = tokens == vocab.end_id
-        if ended.any():
-            lengths[rows[ended]] = length + 1
-            going = ~ended
-            rows, tokens, state = rows[going], tokens[going], (state[0][going], state[1][going])
-            if not rows.size:
-                break
-    return [Hypothesis(tuple(captions[i, : lengths[i]].tolist()), float(log_probs[i])) for i in range(n)]
+@dataclass(frozen=True)
+class Hypothesis:
+    tokens: tuple[int, ...]  # the caption's tokens (the prefix's included), without <start>, ending with <end> if finished
+    log_prob: float  # the sum of its tokens' log-probabilities
+    score: float  # what its decoder ranked it by: beam search, log_prob with the length penalty; the others, log_prob
 
 
-def _greedy_one_image(
-    step_decoder: StepDecoder, vocab: Vocabulary, image: np.ndarray, options: DecodingOptions, prefix: tuple[int, ...], steps: int
-) -> Hypothesis:
-    """greedy_decode for one image (the app's case): the same tokens and sum, without the batch's bookkeeping
-    of which rows go on, about 10 NumPy calls a step: ~10% of greedy's time for one image (artifacts/decode_bench.py).
-    tests/test_decoding_reference.py checks both paths against the reference decoder."""
-    state, logits, log_probs = _start(step_decoder, vocab, image, prefix)
-    caption, log_prob = list(prefix), float(log_probs[0])
-    for step in range(steps):
-        if step:
-            logits, state = step_decoder.step(image, np.array([token]), state)
-        step_log_probs = allowed_log_probs(logits, vocab, first_step=not prefix and step == 0)
-        if options.no_repeat_ngram_size:
-            forbid_repeated_ngrams(step_log_probs, np.array([caption], np.int64), options.no_repeat_ngram_size)
-        token = int(step_log_probs[0].argmax())
-        log_prob += float(step_log_probs[0, token])
-        caption.append(token)
-        if token == vocab.end_id:
-            break
-    return Hypothesis(tuple(caption), log_prob)
+@dataclass(frozen=True)
+class Caption:
+    text: str
+    candidates: list[tuple[str, float]]  # (caption, total log-probability), best first
+    scores: list[float] = dataclasses.field(default_factory=list)  # what decoding ranked them by (beam: with the length penalty)
+
+    @classmethod
+    def from_hypotheses(cls, vocab: Vocabulary, hypotheses: list[Hypothesis]) -> Caption:
+        """One image's hypotheses (best first) -> its Caption."""
+        candidates = [(vocab.decode(h.tokens), h.log_prob) for h in hypotheses]
+        return cls(candidates[0][0], candidates, [h.score for h in hypotheses])
 
 
 def length_normalised(log_prob: float, length: int, alpha: float) -> float:
+    """GNMT's length penalty (Wu et al. 2016): log_prob / ((5 + length) / 6) ** alpha."""
     return log_prob / ((5.0 + length) / 6.0) ** alpha if alpha else log_prob
 
 
-def beam_search_decode(
-    step_decoder: StepDecoder, vocab: Vocabulary, image: np.ndarray, options: DecodingOptions, max_new_tokens: int
-) -> list[list[Hypothesis]]:
-    """Keeps the `beam_width` best unfinished captions per image; a caption that
-    picks <end> moves to that image's finished list. An image is done once it
-    has `beam_width` finished captions (or at the token budget, where its live beams
-    count as finished). Returns up to `beam_width` distinct captions per image,
-    ranked by the length-normalised score.
+# ---- logit filters ---------------------------------------------------------------------------------
 
-    Every step chooses for all images at once, with array operations: each image's
-    candidates (its beams x the vocabulary) form one row of a matrix, and each row
-    is walked in score order the same way: endings join the finished list while it
-    has room, until `beam_width` captions go on.
+
+class LogitFilter:
+    """A rule on the next token, beyond the vocabulary's: which tokens a caption may not continue with.
+
+    `apply` sets those tokens' log-probabilities to -inf in place and leaves the others as they are (not
+    renormalised), so that a caption's log-probability stays the model's: the one the candidates table
+    shows and explain.py gives its words. (A rule that a caption must include given words would be another.)
     """
-    n, k, prefix = len(image), options.beam_width, prefix_ids(vocab, options.prefix)
-    steps = options.max_new_tokens or max_new_tokens
-    if n == 1:
-        return [_beam_search_one_image(step_decoder, vocab, image, options, prefix, steps)]
-    state, logits, scores = _start(step_decoder, vocab, image, prefix)
-    vocab_size, end = logits.shape[1], vocab.end_id
-    # Live beams of all images, flattened and grouped by image: row r belongs to image owner[r].
-    owner = np.arange(n)
-    captions = np.tile(np.array(prefix, np.int64), (n, 1))  # (rows, tokens so far)
-    # Each image's finished captions, in the order they finished.
-    finished_tokens = np.full((n, k, len(prefix) + steps), end)
-    finished_lengths = np.zeros((n, k), np.int64)
-    finished_scores = np.zeros((n, k))
-    finished_count = np.zeros(n, np.int64)
 
-    for step in range(steps):
-        if step:
-            logits, state = step_decoder.step(image[owner], tokens, state)
-        h, c = state
-        step_log_probs = allowed_log_probs(logits, vocab, first_step=not prefix and step == 0)
+    def apply(self, log_probs: np.ndarray, captions: np.ndarray) -> None:
+        """log_probs: (rows, vocab), one row per live caption; captions: (rows, length) their tokens so far,
+        the prefix's included."""
+        raise NotImplementedError
+
+
+class NoRepeatNgram(LogitFilter):
+    """No n-gram appears twice in a caption: the tokens that would repeat one get zero probability."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def apply(self, log_probs: np.ndarray, captions: np.ndarray) -> None:
+        n = self.n
+        captions = np.asarray(captions)
+        if captions.shape[1] < n:
+            return
+        ending = captions[:, captions.shape[1] - n + 1 :]  # the last n - 1 tokens: an n-gram's first n - 1
+        earlier = np.lib.stride_tricks.sliding_window_view(captions[:, :-1], n - 1, axis=1)  # each earlier (n-1)-gram
+        rows, starts = np.nonzero((earlier == ending[:, None, :]).all(axis=2))
+        log_probs[rows, captions[rows, starts + n - 1]] = -np.inf  # the token that followed it then
+
+
+# ---- the task: one decoding setting for one model ---------------------------------------------------
+
+
+class DecodingTask:
+    """`DecodingOptions` resolved for one model, once per request: the prompt's tokens (unknown words are
+    refused here, by name), the step budget, the logit filters and the decoder. `run` decodes any number of
+    images with them."""
+
+    def __init__(self, model: StepModel, vocab: Vocabulary, options: DecodingOptions, max_new_tokens: int):
+        """max_new_tokens: the model's step budget (ModelConfig.max_new_tokens), used where options.max_new_tokens is None."""
+        self.model, self.vocab, self.options = model, vocab, options
+        self.prefix_tokens = prefix_ids(vocab, options.prefix)
+        self.max_new_tokens = options.max_new_tokens or max_new_tokens
+        self.decoder_class = DECODERS[options.method]
+        self.logit_filters: list[LogitFilter] = []
         if options.no_repeat_ngram_size:
-            forbid_repeated_ngrams(step_log_probs, captions, options.no_repeat_ngram_size)
-        candidate_scores = scores[:, None] + step_log_probs
+            self.logit_filters.append(NoRepeatNgram(options.no_repeat_ngram_size))
+        # The vocabulary's rule as what the logits are offset by: 0 where a token is allowed, -inf where not.
+        self._token_masks = {first: np.where(vocab.allowed_tokens(first), 0.0, -np.inf).astype(np.float32)
+                             for first in (True, False)}
+
+    def run(self, features: np.ndarray, rng: np.random.Generator | None = None,
+            samples_per_image: int = 1) -> list[list[Hypothesis]]:
+        """(n, feature_dim) image features -> each image's hypotheses: best first, or the samples as drawn.
+
+        rng, samples_per_image: sampling only. rng: draw every caption from this generator (self-critical
+        training's, so that a run reproduces); None: from the options' seed. samples_per_image: captions drawn
+        per image.
+        """
+        if samples_per_image != 1 and self.options.method != "sample":
+            raise ValueError("Only sampling draws several captions per image.")
+        image = self.model.project_image(features)
+        decoder = self.decoder_class(self, len(image), samples_per_image, rng)
+        state, logits, prefix_log_probs = self._start(image if decoder.images is None else image[decoder.images])
+        decoder.start(prefix_log_probs)
+        for step in range(self.max_new_tokens):
+            if step:
+                logits, state = self.model.step(image if decoder.images is None else image[decoder.images], decoder.tokens, state)
+            going = decoder.update(self.log_probs(logits, step, decoder), step)
+            if decoder.done:
+                break
+            if going is not None:
+                state = self.model.select_rows(state, going)
+        return decoder.finalize()
+
+    def log_probs(self, logits: np.ndarray, step: int, decoder: TokenDecoder) -> np.ndarray:
+        """The next token's log-probabilities (rows, vocab) at `step` (0: the first after the prefix): the model's,
+        over the tokens the vocabulary allows there, with each logit filter's tokens forbidden."""
+        log_probs = self._allowed_log_probs(logits, first=not self.prefix_tokens and step == 0)
+        if self.logit_filters:
+            captions = decoder.captions()
+            for logit_filter in self.logit_filters:
+                logit_filter.apply(log_probs, captions)
+        return log_probs
+
+    def _allowed_log_probs(self, logits: np.ndarray, first: bool) -> np.ndarray:
+        """Log-softmax over the tokens a caption may contain (`first`: as its first token)."""
+        log_probs = logits + self._token_masks[first]  # a new array, -inf where not allowed
+        log_probs -= log_probs.max(axis=-1, keepdims=True)
+        log_probs -= np.log(np.exp(log_probs).sum(axis=-1, keepdims=True))
+        return log_probs
+
+    def _start(self, image: np.ndarray):
+        """Feed <start> and the prefix to every row: -> (state, logits after the last one, the prefix's log-prob)."""
+        n = len(image)
+        state = self.model.initial_state(n)
+        logits, state = self.model.step(image, np.full(n, self.vocab.start_id), state)
+        log_prob = np.zeros(n)
+        for position, token in enumerate(self.prefix_tokens):
+            log_prob += self._allowed_log_probs(logits, first=position == 0)[:, token]
+            logits, state = self.model.step(image, np.full(n, token), state)
+        return state, logits, log_prob
+
+
+# ---- decoders ------------------------------------------------------------------------------------
+
+
+class TokenDecoder:
+    """How the next tokens are chosen. `DecodingTask.run` makes one for each batch of images and drives it:
+
+        the network reads  tokens     (rows,) each live caption's last token
+                           images     (rows,) each live caption's image; None: every row shows the batch's one image
+        the filters read   captions() (rows, length) the live captions so far, the prefix's tokens included
+        start(prefix_log_probs)       the rows after <start> and the prefix, and the prefix's log-probability
+        update(log_probs, step)       choose each live caption's next token; -> which rows go on, in order, for the
+                                      task to keep their network state (None: all of them); sets `done` at the end
+        finalize()                    -> each image's hypotheses
+
+    Beside its batch bookkeeping, each decoder has a path for one image alone (the app's case) that gives the
+    same tokens with fewer NumPy calls a step; `one_image_path = False` turns it off (python -m benchmarks.decoding
+    measures what it saves).
+    """
+
+    one_image_path = True
+    tokens: np.ndarray
+    images: np.ndarray | None
+    done = False
+
+    def __init__(self, task: DecodingTask, images: int, samples_per_image: int = 1, rng: np.random.Generator | None = None):
+        self.task, self.end = task, task.vocab.end_id
+
+    def start(self, prefix_log_probs: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def captions(self) -> np.ndarray:
+        raise NotImplementedError
+
+    def update(self, log_probs: np.ndarray, step: int) -> np.ndarray | list[int] | None:
+        raise NotImplementedError
+
+    def finalize(self) -> list[list[Hypothesis]]:
+        raise NotImplementedError
+
+
+class GreedyDecoder(TokenDecoder):
+    """The most likely next token at each step. A caption leaves the batch once it has ended."""
+
+    def __init__(self, task: DecodingTask, images: int, samples_per_image: int = 1, rng: np.random.Generator | None = None):
+        super().__init__(task, images)
+        self.samples_per_image = samples_per_image
+        self.rows = np.arange(images * samples_per_image)  # the live captions, image-major
+        self.alone = len(self.rows) == 1 and self.one_image_path
+        self.images = None if self.alone else self._image_of(self.rows)
+
+    def choose(self, log_probs: np.ndarray) -> np.ndarray:
+        """(rows, vocab) -> each live caption's next token."""
+        return log_probs.argmax(axis=-1)
+
+    def start(self, prefix_log_probs: np.ndarray) -> None:
+        prefix = self.task.prefix_tokens
+        if self.alone:
+            self.caption, self.log_prob = list(prefix), float(prefix_log_probs[0])
+            return
+        self.sum_log_probs = prefix_log_probs
+        self.so_far = np.empty((len(self.rows), len(prefix) + self.task.max_new_tokens), np.int64)
+        self.so_far[:, : len(prefix)] = prefix
+        self.lengths = np.full(len(self.rows), self.so_far.shape[1])
+        self.length = len(prefix)  # tokens so far
+
+    def captions(self) -> np.ndarray:
+        return np.array([self.caption], np.int64) if self.alone else self.so_far[self.rows, : self.length]
+
+    def update(self, log_probs: np.ndarray, step: int) -> np.ndarray | None:
+        if self.alone:  # about 10 NumPy calls a step, without the batch's bookkeeping of which rows go on
+            token = int(self.choose(log_probs)[0])
+            self.log_prob += float(log_probs[0, token])
+            self.caption.append(token)
+            self.tokens, self.done = np.array([token]), token == self.end
+            return None
+        rows = self.rows
+        tokens = self.choose(log_probs)
+        self.sum_log_probs[rows] += log_probs[np.arange(len(rows)), tokens]
+        self.so_far[rows, self.length] = tokens
+        self.length += 1
+        ended = tokens == self.end
+        if not ended.any():
+            self.tokens = tokens
+            return None
+        self.lengths[rows[ended]] = self.length
+        going = np.flatnonzero(~ended)
+        self.rows, self.tokens = rows[going], tokens[going]
+        self.images, self.done = self._image_of(self.rows), not going.size
+        return going
+
+    def finalize(self) -> list[list[Hypothesis]]:
+        if self.alone:
+            return [[Hypothesis(tuple(self.caption), self.log_prob, self.log_prob)]]
+        hypotheses = [Hypothesis(tuple(self.so_far[i, : self.lengths[i]].tolist()), float(log_prob), float(log_prob))
+                      for i, log_prob in enumerate(self.sum_log_probs)]
+        k = self.samples_per_image
+        return [hypotheses[i : i + k] for i in range(0, len(hypotheses), k)]
+
+    def _image_of(self, rows: np.ndarray) -> np.ndarray:
+        return rows if self.samples_per_image == 1 else rows // self.samples_per_image
+
+
+class SamplingDecoder(GreedyDecoder):
+    """Nucleus sampling: each next token drawn at random from the model's probabilities raised to 1 / temperature,
+    among the likeliest tokens that together hold `top_p` of them. Greedy's bookkeeping, another choice."""
+
+    def __init__(self, task: DecodingTask, images: int, samples_per_image: int = 1, rng: np.random.Generator | None = None):
+        super().__init__(task, images, samples_per_image)
+        self.temperature, self.top_p, seed = task.options.temperature, task.options.top_p, task.options.seed
+        self.rng, self.streams = rng, None
+        if rng is None and seed is not None:
+            # Each caption draws from its own stream, seeded by the seed and which of its image's samples it is:
+            # an image's caption then doesn't depend on the images decoded with it (a batch job resumed, on Ray).
+            self.streams = [np.random.default_rng([seed, row % samples_per_image]) for row in self.rows]
+        elif rng is None:
+            self.rng = np.random.default_rng()
+
+    def choose(self, log_probs: np.ndarray) -> np.ndarray:
+        probs = np.exp(log_probs.astype(np.float64) / self.temperature)  # not normalised: the draw scales to the total
+        if self.top_p < 1.0:
+            probs = nucleus(probs, self.top_p)
+        # Inverse-CDF sampling: the first token whose cumulative probability reaches u * total, u in (0, 1].
+        # A forbidden token (probability 0) adds nothing to the sum, so it can never be the first to reach it.
+        cumulative = np.cumsum(probs, axis=1)
+        threshold = (1.0 - self._uniforms())[:, None] * cumulative[:, -1:]
+        return (cumulative < threshold).sum(axis=1)
+
+    def _uniforms(self) -> np.ndarray:
+        """One draw in [0, 1) per live caption."""
+        if self.streams is None:
+            return self.rng.random(len(self.rows))
+        return np.array([self.streams[row].random() for row in self.rows])
+
+
+def nucleus(probs: np.ndarray, top_p: float) -> np.ndarray:
+    """(rows, vocab) probabilities, not necessarily normalised -> the same with 0 outside each row's nucleus: its
+    likeliest tokens, fewest first, until they hold top_p of the row's total (the likeliest is always kept)."""
+    order = np.argsort(-probs, axis=1, kind="stable")  # ties: the lower token first, as argmax picks
+    ranked = np.take_along_axis(probs, order, axis=1)
+    mass_before = np.cumsum(ranked, axis=1) - ranked
+    outside = np.empty(probs.shape, bool)
+    np.put_along_axis(outside, order, mass_before >= top_p * ranked.sum(axis=1, keepdims=True), axis=1)
+    return np.where(outside, 0.0, probs)
+
+
+class BeamSearchDecoder(TokenDecoder):
+    """Keeps the `beam_width` best unfinished captions per image; a caption that picks <end> moves to that image's
+    finished list. An image is done once it has `beam_width` finished captions (or at the token budget, where its
+    live beams count as finished). Finalized: up to `beam_width` distinct captions per image, ranked by the
+    length-normalised score.
+
+    Every step chooses for all images at once, with array operations: each image's candidates (its beams x the
+    vocabulary) form one row of a matrix, and each row is walked in score order the same way: endings join the
+    finished list while it has room, until `beam_width` captions go on. One image alone walks its 2k best
+    candidates in plain Python instead (a few microseconds, against about 40 NumPy calls a step).
+    """
+
+    def __init__(self, task: DecodingTask, images: int, samples_per_image: int = 1, rng: np.random.Generator | None = None):
+        super().__init__(task, images)
+        self.k, self.image_count = task.options.beam_width, images
+        self.alone = images == 1 and self.one_image_path
+        # Live beams of all images, flattened and grouped by image: row r belongs to image images[r].
+        self.images = None if self.alone else np.arange(images)
+
+    def start(self, prefix_log_probs: np.ndarray) -> None:
+        prefix, n, k = self.task.prefix_tokens, self.image_count, self.k
+        self.scores = prefix_log_probs
+        if self.alone:
+            self.beams: list[tuple[int, ...]] = [prefix]  # the live beams' tokens so far
+            self.finished: list[tuple[tuple[int, ...], float]] = []  # (tokens, log-prob) in the order they finished
+            return
+        self.so_far = np.tile(np.array(prefix, np.int64), (n, 1))  # (rows, tokens so far)
+        # Each image's finished captions, in the order they finished.
+        self.finished_tokens = np.full((n, k, len(prefix) + self.task.max_new_tokens), self.end)
+        self.finished_lengths = np.zeros((n, k), np.int64)
+        self.finished_scores = np.zeros((n, k))
+        self.finished_count = np.zeros(n, np.int64)
+
+    def captions(self) -> np.ndarray:
+        return np.array(self.beams, np.int64) if self.alone else self.so_far
+
+    def update(self, log_probs: np.ndarray, step: int) -> np.ndarray | list[int] | None:
+        last_step = step == self.task.max_new_tokens - 1  # at the budget every caption ends
+        if self.alone:
+            return self._update_one_image(log_probs, last_step)
+        n, k, end, vocab_size = self.image_count, self.k, self.end, log_probs.shape[1]
+        candidate_scores = self.scores[:, None] + log_probs
 
         # One row per image with live beams: its beams' candidates side by side (-inf where it has fewer beams).
-        beams = np.bincount(owner, minlength=n)
-        images = np.flatnonzero(beams)
-        beams = beams[images]
+        beams = np.bincount(self.images, minlength=n)
+        live_images = np.flatnonzero(beams)
+        beams = beams[live_images]
         starts = np.cumsum(beams) - beams  # each image's first row
-        if len(owner) == len(images) * beams.max():  # every image has as many beams: a reshape
-            per_image = candidate_scores.reshape(len(images), -1)
+        if len(self.images) == len(live_images) * beams.max():  # every image has as many beams: a reshape
+            per_image = candidate_scores.reshape(len(live_images), -1)
         else:
-            per_image = np.full((len(images), beams.max(), vocab_size), -np.inf)
-            beam = np.arange(len(owner)) - np.repeat(starts, beams)
-            per_image[np.repeat(np.arange(len(images)), beams), beam] = candidate_scores
-            per_image = per_image.reshape(len(images), -1)
+            per_image = np.full((len(live_images), beams.max(), vocab_size), -np.inf)
+            beam = np.arange(len(self.images)) - np.repeat(starts, beams)
+            per_image[np.repeat(np.arange(len(live_images)), beams), beam] = candidate_scores
+            per_image = per_image.reshape(len(live_images), -1)
         top, top_scores = _best_candidates(per_image, 2 * k)  # enough that k go on even if k others end here
         rows, tokens = starts[:, None] + top // vocab_size, top % vocab_size
 
         # The walk down each row: stop at the first impossible candidate or once k captions go on.
         possible = np.isfinite(top_scores)
-        ends = (tokens == end) | (step == steps - 1)  # at the budget every caption ends
+        ends = (tokens == end) | last_step
         goes_on = possible & ~ends
         considered = possible & (np.cumsum(goes_on, axis=1) - goes_on < k)
         ending = considered & ends
         end_rank = np.cumsum(ending, axis=1)  # 1, 2, ... among the row's endings
-        ending &= end_rank <= (k - finished_count[images])[:, None]  # only while the finished list has room
+        ending &= end_rank <= (k - self.finished_count[live_images])[:, None]  # only while the finished list has room
 
         i, j = np.nonzero(ending)
         if i.size:
-            image_of, slot, row = images[i], finished_count[images[i]] + end_rank[i, j] - 1, rows[i, j]
-            length = captions.shape[1] + 1
-            finished_tokens[image_of, slot, : length - 1] = captions[row]
-            finished_tokens[image_of, slot, length - 1] = tokens[i, j]
-            finished_lengths[image_of, slot] = length
-            finished_scores[image_of, slot] = top_scores[i, j]
-            finished_count[images] += ending.sum(axis=1)
+            image_of, slot, row = live_images[i], self.finished_count[live_images[i]] + end_rank[i, j] - 1, rows[i, j]
+            length = self.so_far.shape[1] + 1
+            self.finished_tokens[image_of, slot, : length - 1] = self.so_far[row]
+            self.finished_tokens[image_of, slot, length - 1] = tokens[i, j]
+            self.finished_lengths[image_of, slot] = length
+            self.finished_scores[image_of, slot] = top_scores[i, j]
+            self.finished_count[live_images] += ending.sum(axis=1)
 
         i, j = np.nonzero(considered & goes_on)
-        still_open = finished_count[images[i]] < k  # an image with k finished captions is done
+        still_open = self.finished_count[live_images[i]] < k  # an image with k finished captions is done
         i, j = i[still_open], j[still_open]
         if not i.size:
-            break
+            self.done = True
+            return None
         row = rows[i, j]
-        tokens = tokens[i, j]
-        captions = np.concatenate([captions[row], tokens[:, None]], axis=1)
-        owner, scores, state = images[i], top_scores[i, j], (h[row], c[row])
+        self.tokens = tokens[i, j]
+        self.so_far = np.concatenate([self.so_far[row], self.tokens[:, None]], axis=1)
+        self.images, self.scores = live_images[i], top_scores[i, j]
+        return row
 
-    alpha = options.length_penalty
-    results = []
-    for i in range(n):
-        hyps = [Hypothesis(tuple(finished_tokens[i, s, : finished_lengths[i, s]].tolist()), float(finished_scores[i, s]))
-                for s in range(finished_count[i])]
-        results.append(sorted(hyps, key=lambda hyp: length_normalised(hyp.log_prob, len(hyp.tokens), alpha), reverse=True))
-    return results
+    def _update_one_image(self, log_probs: np.ndarray, last_step: bool) -> list[int] | None:
+        """`update` for one image: the same choices, walking its 2k best candidates in Python."""
+        k, end, vocab_size = self.k, self.end, log_probs.shape[1]
+        candidate_scores = (self.scores[:, None] + log_probs).reshape(1, -1)
+        top, top_scores = _best_candidates(candidate_scores, 2 * k)
+        rows, tokens, scores = [], [], []
+        for candidate, score in zip(top[0].tolist(), top_scores[0].tolist()):
+            if not math.isfinite(score):
+                break
+            row, token = divmod(candidate, vocab_size)
+            if token == end or last_step:
+                if len(self.finished) < k:
+                    self.finished.append((self.beams[row] + (token,), score))
+            else:
+                rows.append(row)
+                tokens.append(token)
+                scores.append(score)
+                if len(rows) == k:  # only endings that outrank the k-th live caption count
+                    break
+        if len(self.finished) == k or not rows:
+            self.done = True
+            return None
+        self.beams = [self.beams[row] + (token,) for row, token in zip(rows, tokens)]
+        self.tokens, self.scores = np.array(tokens), np.array(scores)
+        return rows
+
+    def finalize(self) -> list[list[Hypothesis]]:
+        if self.alone:
+            per_image = [self.finished]
+        else:
+            per_image = [[(tuple(self.finished_tokens[i, s, : self.finished_lengths[i, s]].tolist()), float(self.finished_scores[i, s]))
+                          for s in range(self.finished_count[i])] for i in range(self.image_count)]
+        alpha = self.task.options.length_penalty
+        return [sorted((Hypothesis(tokens, log_prob, length_normalised(log_prob, len(tokens), alpha)) for tokens, log_prob in finished),
+                       key=lambda hypothesis: hypothesis.score, reverse=True)
+                for finished in per_image]
 
 
 def _best_candidates(per_image: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
@@ -452,43 +558,4 @@ def _best_candidates(per_image: np.ndarray, count: int) -> tuple[np.ndarray, np.
     return top, per_image[image_row, top]
 
 
-def _beam_search_one_image(
-    step_decoder: StepDecoder, vocab: Vocabulary, image: np.ndarray, options: DecodingOptions, prefix: tuple[int, ...], steps: int
-) -> list[Hypothesis]:
-    """beam_search_decode for one image (the app's case): the same choices, with the walk down its 2k best
-    candidates in Python. The batch's array bookkeeping, about 40 NumPy calls a step, took ~20% of beam 5's
-    time for one image (~0.1 ms a step); for one image's 2k candidates plain Python takes a few microseconds.
-    tests/test_decoding_reference.py checks both paths against the reference decoder.
-    """
-    k, end = options.beam_width, vocab.end_id
-    state, logits, scores = _start(step_decoder, vocab, image, prefix)
-    captions = [prefix]  # the live beams' tokens so far
-    finished: list[Hypothesis] = []
-    for step in range(steps):
-        if step:
-            logits, state = step_decoder.step(image, tokens, state)  # the image's one row serves every beam
-        step_log_probs = allowed_log_probs(logits, vocab, first_step=not prefix and step == 0)
-        if options.no_repeat_ngram_size:
-            forbid_repeated_ngrams(step_log_probs, np.array(captions, np.int64), options.no_repeat_ngram_size)
-        candidate_scores = (scores[:, None] + step_log_probs).reshape(1, -1)
-        top, top_scores = _best_candidates(candidate_scores, 2 * k)
-        rows, next_tokens, next_scores = [], [], []
-        for candidate, score in zip(top[0].tolist(), top_scores[0].tolist()):
-            if not math.isfinite(score):
-                break
-            row, token = divmod(candidate, logits.shape[1])
-            if token == end or step == steps - 1:  # at the budget every caption ends
-                if len(finished) < k:
-                    finished.append(Hypothesis(captions[row] + (token,), score))
-            else:
-                rows.append(row)
-                next_tokens.append(token)
-                next_scores.append(score)
-                if len(rows) == k:  # only endings that outrank the k-th live caption count
-                    break
-        if len(finished) == k or not rows:
-            break
-        captions = [captions[row] + (token,) for row, token in zip(rows, next_tokens)]
-        tokens, scores, state = np.array(next_tokens), np.array(next_scores), (state[0][rows], state[1][rows])
-    alpha = options.length_penalty
-    return sorted(finished, key=lambda hyp: length_normalised(hyp.log_prob, len(hyp.tokens), alpha), reverse=True)
+DECODERS: dict[str, type[TokenDecoder]] = {"greedy": GreedyDecoder, "beam": BeamSearchDecoder, "sample": SamplingDecoder}

@@ -26,7 +26,8 @@ first-order term of log p_w in f: each cell's share of what the image contribute
 
 The probabilities are the ones decoding uses: the model's softmax with the tokens a caption never
 contains (padding, start, unknown; the end token as the first word) left out and the rest renormalised
-(`captioner.decoding.allowed_log_probs`), and the gradient is that distribution's.
+(`Vocabulary.allowed_tokens`), and the gradient is that distribution's. The network is model.StepModel's:
+its LSTM gives the hidden states, its weights the backward pass.
 """
 
 from __future__ import annotations
@@ -34,17 +35,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
-from .decoding import DecodingOptions, StepDecoder, decode
-from .image import display_copy, load_image, resize_for_encoder
+from .decoding import Caption, Hypothesis
+from .model import StepModel
 from .vocabulary import Vocabulary, normalize_caption
-
-if TYPE_CHECKING:
-    from .inference import Caption, Captioner
 
 # Overlays are drawn on a copy of the photo at most this many pixels on its longer side: enough for a
 # page or a file, and it bounds the time and memory of drawing them whatever size the upload was.
@@ -83,10 +80,10 @@ class WordExplanation:
 class Explanation:
     """A caption, word by word: how sure the model was of each word and where in the photo it came from."""
 
-    caption: "Caption"  # the explained caption; when it was generated, with the decoder's other candidates
+    caption: Caption  # the explained caption; when it was generated, with the decoder's other candidates
     words: tuple[WordExplanation, ...]
     log_prob: float  # the explained caption's total log-probability, <end> included when the caption ended
-    image: Image.Image  # the photo as decoded (orientation applied), at most OVERLAY_MAX_SIDE pixels a side
+    image: Image.Image  # the photo the heatmaps are drawn on (orientation applied), at most OVERLAY_MAX_SIDE pixels a side
 
     @property
     def text(self) -> str:
@@ -109,42 +106,21 @@ class Explanation:
 # ---- the maths --------------------------------------------------------------------------------
 
 
-def teacher_forced_hidden(decoder: StepDecoder, vocab: Vocabulary, targets: np.ndarray) -> np.ndarray:
-    """The LSTM's output before each target token (<start>, then the targets but the last): (T, units).
-
-    It does not depend on the image, so one pass serves every word. This is StepDecoder.step's LSTM
-    without the layers after it (Keras' gate order: input, forget, cell, output); the gradient test
-    checks the result against the Keras model.
-    """
-    tokens = np.concatenate([[vocab.start_id], targets[:-1]]).astype(np.int64)
-    gates_in, recurrent, units = decoder.token_gates[tokens], decoder.recurrent_kernel, decoder.units
-    h = np.zeros((1, units), np.float32)
-    c = np.zeros_like(h)
-    hidden = np.empty((len(tokens), units), np.float32)
-    for t in range(len(tokens)):
-        z = gates_in[t : t + 1] + h @ recurrent
-        gates = 0.5 * (np.tanh(0.5 * z) + 1.0)  # the sigmoid of all four at once; the cell's input is a tanh
-        c = gates[:, units : 2 * units] * c + gates[:, :units] * np.tanh(z[:, 2 * units : 3 * units])
-        h = gates[:, 3 * units :] * np.tanh(c)
-        hidden[t] = h[0]
-    return hidden
-
-
 def word_log_prob_gradients(
-    decoder: StepDecoder, features: np.ndarray, hidden: np.ndarray, targets: np.ndarray, allowed: np.ndarray | None = None
+    model: StepModel, features: np.ndarray, hidden: np.ndarray, targets: np.ndarray, allowed: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Each target's log-probability and its gradient with respect to the pooled features.
 
-    features: (C,) one image's pooled features; hidden: (T, units) the LSTM outputs (teacher_forced_hidden);
+    features: (C,) one image's pooled features; hidden: (T, units) the LSTM outputs (StepModel.lstm_outputs);
     targets: (T,) token ids; allowed: optional (T, vocab) bool, the tokens the softmax runs over at each
     step (None: all of them, the Keras model's softmax). Returns (log_probs (T,), gradients (T, C)).
     """
     features = np.asarray(features, np.float32).reshape(-1)
     rows = np.arange(len(targets))
-    pre_image = features @ decoder.image_kernel + decoder.image_bias  # (units,)
+    pre_image = features @ model.image_kernel + model.image_bias  # (units,)
     image = np.maximum(pre_image, 0.0)
-    pre_hidden = (image + hidden) @ decoder.decoder_kernel + decoder.decoder_bias  # (T, units)
-    logits = np.maximum(pre_hidden, 0.0) @ decoder.output_kernel + decoder.output_bias  # (T, vocab)
+    pre_hidden = (image + hidden) @ model.decoder_kernel + model.decoder_bias  # (T, units)
+    logits = np.maximum(pre_hidden, 0.0) @ model.output_kernel + model.output_bias  # (T, vocab)
     if allowed is not None:
         logits[~allowed] = -np.inf
     shifted = logits - logits.max(axis=1, keepdims=True)
@@ -156,17 +132,9 @@ def word_log_prob_gradients(
     d_logits[rows, targets] += 1.0
     # Backwards through the layers as (units, T) columns: kernel @ columns runs 2-3x faster in BLAS than
     # rows @ kernel.T with these shapes.
-    d_hidden = (decoder.output_kernel @ d_logits.T) * (pre_hidden.T > 0)
-    d_image = (decoder.decoder_kernel @ d_hidden) * (pre_image > 0)[:, None]
-    return log_probs, (decoder.image_kernel @ d_image).T
-
-
-def allowed_tokens(vocab: Vocabulary, steps: int) -> np.ndarray:
-    """(steps, vocab) bool: what decoding lets a caption contain at each step (see allowed_log_probs)."""
-    allowed = np.ones((steps, len(vocab)), bool)
-    allowed[:, vocab.forbidden_ids] = False
-    allowed[0, vocab.end_id] = False
-    return allowed
+    d_hidden = (model.output_kernel @ d_logits.T) * (pre_hidden.T > 0)
+    d_image = (model.decoder_kernel @ d_hidden) * (pre_image > 0)[:, None]
+    return log_probs, (model.image_kernel @ d_image).T
 
 
 def grad_cam(feature_map: np.ndarray, gradients: np.ndarray) -> np.ndarray:
@@ -179,13 +147,14 @@ def grad_cam(feature_map: np.ndarray, gradients: np.ndarray) -> np.ndarray:
 
 
 def explain_tokens(
-    decoder: StepDecoder, vocab: Vocabulary, features: np.ndarray, feature_map: np.ndarray, word_ids: list[int], ended: bool = True
+    model: StepModel, vocab: Vocabulary, features: np.ndarray, feature_map: np.ndarray, word_ids: list[int], ended: bool = True
 ) -> tuple[list[float], np.ndarray, float]:
     """One image's caption (word ids, no special tokens) -> (each word's probability, (words, h, w) heatmaps,
     the caption's total log-probability, with the end token's when `ended`)."""
     targets = np.array([*word_ids, vocab.end_id] if ended else word_ids, np.int64)
-    hidden = teacher_forced_hidden(decoder, vocab, targets)
-    log_probs, gradients = word_log_prob_gradients(decoder, features, hidden, targets, allowed_tokens(vocab, len(targets)))
+    hidden = model.lstm_outputs(np.concatenate([[vocab.start_id], targets[:-1]]).astype(np.int64))  # teacher-forced
+    allowed = np.stack([vocab.allowed_tokens(first=t == 0) for t in range(len(targets))])  # what decoding allows
+    log_probs, gradients = word_log_prob_gradients(model, features, hidden, targets, allowed)
     words = len(word_ids)
     heatmaps = grad_cam(feature_map, gradients[:words])
     return [float(np.exp(lp)) for lp in log_probs[:words]], heatmaps, float(log_probs.sum())
@@ -252,34 +221,27 @@ def explanation_folder(root: str | Path, image: str | Path, taken: set[str]) -> 
 # ---- Captioner.explain ---------------------------------------------------------------------------
 
 
-def explain_image(captioner: "Captioner", image, caption: str | None = None, options: DecodingOptions | None = None) -> Explanation:
-    """`Captioner.explain`: caption `image` with `options` (or take `caption`) and explain each word.
+def explain_caption(model: StepModel, vocab: Vocabulary, features: np.ndarray, feature_map: np.ndarray, photo: Image.Image,
+                    hypotheses: list[Hypothesis] | None = None, word_ids: list[int] | None = None) -> Explanation:
+    """One image's caption, word by word (Captioner.explain).
 
-    One encoder pass gives both the pooled features (for the caption) and the feature map (for the heatmaps).
+    features (C,) and feature_map (h, w, C): the image's, from one encoder pass; photo: what the heatmaps are
+    drawn on. The caption: `hypotheses`, decoding's for the image (best first: the first is explained, the
+    Caption keeps them all), or `word_ids`, a caption given (caption_ids), explained as one that ended.
     """
-    from .inference import Caption, caption_from_hypotheses  # (inference.py imports this module)
-
-    options = captioner.decoding_options(options)
-    given_ids = None if caption is None else caption_ids(captioner.vocab, caption)  # refused before any work
-    encoder = captioner.encoder
-    photo = load_image(image, target_size=encoder.input_size)
-    features, maps = encoder.encode_pixels(resize_for_encoder(photo, encoder.input_size)[None], feature_maps=True)
-    if given_ids is None:
-        hypotheses = decode(captioner.step_decoder, captioner.vocab, features, options, captioner.config.max_new_tokens)[0]
+    ended = True
+    if hypotheses is not None:
         tokens = hypotheses[0].tokens
-        ended = bool(tokens) and tokens[-1] == captioner.vocab.end_id
+        ended = bool(tokens) and tokens[-1] == vocab.end_id
         word_ids = list(tokens[:-1] if ended else tokens)
-        generated = caption_from_hypotheses(captioner.vocab, hypotheses, options)
+    probabilities, heatmaps, log_prob = explain_tokens(model, vocab, features, feature_map, word_ids, ended)
+    if hypotheses is not None:
+        caption = Caption.from_hypotheses(vocab, hypotheses)
     else:
-        word_ids, ended, generated = given_ids, True, None
-    probabilities, heatmaps, log_prob = explain_tokens(captioner.step_decoder, captioner.vocab, features[0], maps[0], word_ids, ended)
-    if generated is None:
-        text = " ".join(captioner.vocab.itos[i] for i in word_ids)
-        generated = Caption(text, [(text, log_prob)], [log_prob])
-    words = tuple(
-        WordExplanation(captioner.vocab.itos[i], p, heatmap) for i, p, heatmap in zip(word_ids, probabilities, heatmaps)
-    )
-    return Explanation(generated, words, log_prob, display_copy(photo, OVERLAY_MAX_SIDE))
+        text = " ".join(vocab.itos[i] for i in word_ids)
+        caption = Caption(text, [(text, log_prob)], [log_prob])
+    words = tuple(WordExplanation(vocab.itos[i], p, heatmap) for i, p, heatmap in zip(word_ids, probabilities, heatmaps))
+    return Explanation(caption, words, log_prob, photo)
 
 
 def caption_ids(vocab: Vocabulary, caption: str) -> list[int]:

@@ -101,10 +101,11 @@ def load_image(image: ImageInput, max_pixels: int = MAX_PIXELS, target_size: tup
         return _rgb_from_array(image, max_pixels)
     if isinstance(image, Image.Image):
         return _decode(image, max_pixels)
-    return _decode(_open(_read_bytes(image)), max_pixels, target_size)
+    return _decode(_open(read_image_bytes(image)), max_pixels, target_size)
 
 
-def _read_bytes(source) -> bytes:
+def read_image_bytes(source) -> bytes:
+    """A file's path (or its bytes) -> its bytes, read at most MAX_FILE_BYTES; InvalidImageError with the reason otherwise."""
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
     elif isinstance(source, (str, Path)):

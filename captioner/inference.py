@@ -6,36 +6,23 @@ import dataclasses
 import logging
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
-from .decoding import DecodingOptions, Hypothesis, StepDecoder, decode, length_normalised, prefix_ids
+from .decoding import Caption, DecodingOptions, DecodingTask
+from .encoder import BATCH_SIZE as ENCODER_BATCH_SIZE
 from .encoder import ENCODERS, ImageEncoder
-from .explain import Explanation, explain_image
+from .explain import OVERLAY_MAX_SIDE, Explanation, caption_ids, explain_caption
+from .image import display_copy, load_image, prepare_pixels, resize_for_encoder
 from .lazy import keras
-from .model import ModelConfig, build_caption_model
+from .model import ModelConfig, StepModel, build_caption_model
 from .vocabulary import Vocabulary
 from .weights import BUNDLED_WEIGHTS, WeightsError, WeightsFolder, download_from_hub, load_vocabulary, read_decoder_weights, read_folder
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Caption:
-    text: str
-    candidates: list[tuple[str, float]]  # (caption, total log-probability), best first
-    scores: list[float] = dataclasses.field(default_factory=list)  # what decoding ranked them by (beam: with the length penalty)
-
-
-def caption_from_hypotheses(vocab: Vocabulary, hypotheses: list[Hypothesis], options: DecodingOptions) -> Caption:
-    """One image's hypotheses (best first) -> its Caption."""
-    candidates = [(vocab.decode(h.tokens), h.log_prob) for h in hypotheses]
-    alpha = options.length_penalty if options.method == "beam" else 0.0  # greedy keeps one caption, unranked
-    scores = [length_normalised(h.log_prob, len(h.tokens), alpha) for h in hypotheses]
-    return Caption(candidates[0][0], candidates, scores)
 
 
 class Captioner:
@@ -51,7 +38,7 @@ class Captioner:
             raise WeightsError(f"Unknown encoder '{config.encoder}'; known: {', '.join(ENCODERS)}.")
         self.vocab, self.config, self.weights = vocab, config, weights
         self.encoder_weights = encoder_weights
-        self.step_decoder = StepDecoder(model)  # all that captioning needs of the network
+        self.step_model = StepModel(model)  # all that captioning needs of the network
         if isinstance(model, Mapping):
             self._layer_weights = model
         else:
@@ -104,27 +91,51 @@ class Captioner:
         """The image encoder, built on first use: captioning cached features never loads it."""
         return ImageEncoder(self.config.encoder, weights=self.encoder_weights)
 
-    # ---- inference ----------------------------------------------------------------------
+    # ---- inference: images -> pixels -> features -> captions ---------------------------------
+
+    def prepare_pixels(self, images) -> np.ndarray:
+        """Images (PIL, paths, bytes or HxWx3 arrays) -> (n, h, w, 3) uint8, each decoded and resized for the
+        encoder (image.prepare_pixels: what a decode worker sends back)."""
+        return np.stack([prepare_pixels(image, self.encoder.input_size) for image in images])
+
+    def encode_pixels(self, pixels: np.ndarray, feature_maps: bool = False):
+        """(n, h, w, 3) uint8 pixels at the encoder's input size -> (n, feature_dim) pooled CNN features, or
+        (features, (n, h', w', C) feature maps). The one way into the encoder, ENCODER_BATCH_SIZE images a call."""
+        pixels = np.asarray(pixels)
+        width, height = self.encoder.input_size
+        if pixels.ndim != 4 or pixels.shape[1:] != (height, width, 3):
+            raise ValueError(f"Expected pixels of shape (n, {height}, {width}, 3), not {pixels.shape}.")
+        if not len(pixels) and not feature_maps:
+            return np.zeros((0, self.config.feature_dim), np.float32)
+        chunks = [self.encoder.encode_pixels(pixels[i : i + ENCODER_BATCH_SIZE], feature_maps)
+                  for i in range(0, len(pixels), ENCODER_BATCH_SIZE)]
+        if feature_maps:
+            return tuple(np.concatenate(parts) for parts in zip(*chunks))
+        return np.concatenate(chunks)
 
     def encode(self, images) -> np.ndarray:
         """Images (PIL, paths, bytes or HxWx3 arrays) -> (n, feature_dim) pooled CNN features."""
-        return self.encoder(images)
+        return self.encode_pixels(self.prepare_pixels(images))
 
     def caption(self, image, options: DecodingOptions | None = None, **overrides) -> Caption:
         """One image -> its caption. overrides: DecodingOptions fields, e.g. caption(image, method="greedy")."""
         return self.caption_batch([image], options, **overrides)[0]
 
     def caption_batch(self, images, options: DecodingOptions | None = None, **overrides) -> list[Caption]:
-        options = self.decoding_options(options, **overrides)  # refuse bad options before the encoder runs
-        return self.caption_features(self.encode(images), options)
+        task = self.decoding_task(options, **overrides)  # refuse bad options before the encoder runs
+        return self._captions(task, self.encode(images))
+
+    def caption_pixels(self, pixels: np.ndarray, options: DecodingOptions | None = None, **overrides) -> list[Caption]:
+        """(n, h, w, 3) uint8 pixels at the encoder's input size (a decode worker's) -> their captions."""
+        task = self.decoding_task(options, **overrides)
+        return self._captions(task, self.encode_pixels(pixels))
 
     def caption_features(self, features: np.ndarray, options: DecodingOptions | None = None, **overrides) -> list[Caption]:
         """Caption precomputed encoder features (training's evaluation and dev scores use this)."""
-        options = self.decoding_options(options, **overrides)
-        return [
-            caption_from_hypotheses(self.vocab, hypotheses, options)
-            for hypotheses in decode(self.step_decoder, self.vocab, features, options, self.config.max_new_tokens)
-        ]
+        return self._captions(self.decoding_task(options, **overrides), features)
+
+    def _captions(self, task: DecodingTask, features: np.ndarray) -> list[Caption]:
+        return [Caption.from_hypotheses(self.vocab, hypotheses) for hypotheses in task.run(features)]
 
     def explain(self, image, caption: str | None = None, options: DecodingOptions | None = None, **overrides) -> Explanation:
         """Each word of the caption with its probability and where in the image it came from (closed-form Grad-CAM).
@@ -132,18 +143,43 @@ class Captioner:
         caption: the words to explain; None: caption the image first, with `options` and `overrides`.
         See captioner/explain.py.
         """
-        return explain_image(self, image, caption, self.decoding_options(options, **overrides))
+        task = self.decoding_task(options, **overrides)
+        given = None if caption is None else caption_ids(self.vocab, caption)  # refused before any work
+        photo = load_image(image, target_size=self.encoder.input_size)
+        return self._explain(task, resize_for_encoder(photo, self.encoder.input_size), photo, given)
+
+    def explain_pixels(self, pixels: np.ndarray, display: Image.Image | np.ndarray | None = None, caption: str | None = None,
+                       options: DecodingOptions | None = None, **overrides) -> Explanation:
+        """`explain` for one image's (h, w, 3) uint8 pixels at the encoder's input size (a decode worker's).
+
+        display: the photo to draw the heatmaps on, aspect kept (PIL image or uint8 array); None: the pixels.
+        """
+        task = self.decoding_task(options, **overrides)
+        given = None if caption is None else caption_ids(self.vocab, caption)
+        photo = display if isinstance(display, Image.Image) else Image.fromarray(np.asarray(pixels if display is None else display))
+        return self._explain(task, pixels, photo, given)
+
+    def _explain(self, task: DecodingTask, pixels: np.ndarray, photo: Image.Image, given: list[int] | None) -> Explanation:
+        """One encoder pass gives both the pooled features (for the caption) and the feature map (for the heatmaps)."""
+        features, maps = self.encode_pixels(np.asarray(pixels)[None], feature_maps=True)
+        hypotheses = task.run(features)[0] if given is None else None
+        return explain_caption(self.step_model, self.vocab, features[0], maps[0], display_copy(photo, OVERLAY_MAX_SIDE),
+                               hypotheses, given)
+
+    def decoding_task(self, options: DecodingOptions | None = None, **overrides) -> DecodingTask:
+        """`options` (default: the recommended decoding) with `overrides`, resolved for this model; a prompt with
+        words the model doesn't know is refused here, by name."""
+        options = dataclasses.replace(options or DecodingOptions(), **overrides)
+        return DecodingTask(self.step_model, self.vocab, options, self.config.max_new_tokens)
 
     def decoding_options(self, options: DecodingOptions | None = None, **overrides) -> DecodingOptions:
-        """`options` (default: the recommended decoding) with `overrides`, checked against this model's vocabulary."""
-        options = dataclasses.replace(options or DecodingOptions(), **overrides)
-        prefix_ids(self.vocab, options.prefix)  # a prompt with words the model doesn't know is refused here, by name
-        return options
+        """`options` with `overrides`, checked against this model's vocabulary (see decoding_task)."""
+        return self.decoding_task(options, **overrides).options
 
     def warmup(self) -> None:
         """Run the encoder graph once (it is traced on first use), so the first user doesn't wait for it."""
         width, height = self.encoder.input_size
-        self.encoder.encode_pixels(np.zeros((1, height, width, 3), np.float32))
+        self.encode_pixels(np.zeros((1, height, width, 3), np.uint8))
 
     @property
     def description(self) -> dict:

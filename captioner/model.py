@@ -9,14 +9,17 @@ The LSTM returns its output at every step, so one forward pass scores every
 prefix of a caption at once (the original model's one-prefix-per-sample
 objective at a fraction of the cost); the image branch is broadcast over steps.
 
-This file is the network only. The image encoder (encoder.py) is kept apart:
-its features are computed once per image, and cached for training; decoding.py
-runs the trained weights one token at a time for inference.
+This file is the network only, twice: `build_caption_model`, the Keras definition that training fits,
+and `StepModel`, the same network on the trained weights in NumPy, one token at a time, that decoding,
+explain.py and self-critical training's sampler run (tests/test_decoding.py checks one against the other).
+The image encoder (encoder.py) is kept apart: its features are computed once per image, and cached for
+training.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
@@ -111,3 +114,129 @@ def build_caption_model(config: ModelConfig, embedding_matrix: np.ndarray | None
     merged = layers.Dense(config.units, activation="relu", name="decoder_dense")(merged)
     probs = layers.Dense(config.vocab_size, activation="softmax", name="next_word")(merged)
     return keras.Model([features, tokens], probs, name="merge_captioner")
+
+
+# ---- the same network in NumPy, one token at a time ----------------------------------------------
+
+
+class StepModel:
+    """The trained caption model run one token at a time, in NumPy, carrying the LSTM state.
+
+    Decoding calls the network once per generated word; going through TensorFlow costs about a millisecond
+    per call on a CPU, more than the math itself, so the step is plain NumPy on the trained layers' weights,
+    and carries the LSTM state forward instead of re-running the prefix. The weights keep the Keras layers'
+    names (explain.py's backward pass reads them); `tests/test_decoding.py` checks the step against the
+    Keras model's probabilities and against the LSTM written gate by gate.
+    """
+
+    def __init__(self, model: keras.Model | Mapping[str, Sequence[np.ndarray]]):
+        """model: the Keras caption model, or its layers' weights by layer name (weights.read_decoder_weights)."""
+        layer_weights = model.__getitem__ if isinstance(model, Mapping) else lambda name: model.get_layer(name).get_weights()
+        weights = lambda name: [np.asarray(w, dtype=np.float32) for w in layer_weights(name)]
+        self.image_kernel, self.image_bias = weights("image_dense")
+        (embeddings,) = weights("word_embedding")
+        kernel, self.recurrent_kernel, lstm_bias = weights("text_lstm")  # Keras' gate order: input, forget, cell, output
+        # Each token's input projection, precomputed: one row lookup instead of a matmul per step.
+        self.token_gates = embeddings @ kernel + lstm_bias
+        self.decoder_kernel, self.decoder_bias = weights("decoder_dense")
+        self.output_kernel, self.output_bias = weights("next_word")
+        self.units = units = self.recurrent_kernel.shape[0]
+        # What `_lstm` multiplies by: the gates in the order input, forget, output, cell, the three sigmoid
+        # gates' halved so that one tanh gives all four, as sigmoid(x) = (tanh(x / 2) + 1) / 2 (halving is exact
+        # in floating point: the same numbers as the gate-by-gate form, with fewer NumPy calls). The recurrent
+        # kernel is stored gate by gate, (4, units, units): one np.matmul gives the four gates as (n, units)
+        # arrays, bit for bit the product by the whole (units, 4 * units) matrix, and faster for a few rows
+        # (python -m benchmarks.decoding).
+        order = np.r_[0 : 2 * units, 3 * units : 4 * units, 2 * units : 3 * units]
+        scale = np.repeat(np.array([0.5, 0.5, 0.5, 1.0], np.float32), units)
+        self._step_token_gates = np.ascontiguousarray(self.token_gates[:, order] * scale)
+        self._step_recurrent_kernel = column_blocks(self.recurrent_kernel[:, order] * scale, units)
+        # The output layer also in blocks of columns, for `_logits`.
+        self._output_kernel_blocks = column_blocks(self.output_kernel, OUTPUT_BLOCK_COLUMNS)
+        self._output_bias_blocks = column_blocks(self.output_bias[None], OUTPUT_BLOCK_COLUMNS)[:, 0]
+
+    def project_image(self, features: np.ndarray) -> np.ndarray:
+        """(n, feature_dim) features -> (n, units) image branch (dropout is off at inference)."""
+        return np.maximum(np.asarray(features, np.float32) @ self.image_kernel + self.image_bias, 0.0)
+
+    def initial_state(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        zeros = np.zeros((n, self.units), np.float32)
+        return zeros, zeros.copy()
+
+    @staticmethod
+    def select_rows(state: tuple[np.ndarray, np.ndarray], rows) -> tuple[np.ndarray, np.ndarray]:
+        """The state of the given rows (indices), in their order: the captions that go on from a step."""
+        h, c = state
+        return h[rows], c[rows]
+
+    def step(self, image: np.ndarray, tokens: np.ndarray, state: tuple[np.ndarray, np.ndarray]):
+        """One token per row -> (next-token logits (n, vocab), new state); softmax gives the model's probabilities.
+
+        image: (n, units) projected image branch, or (1, units) for rows that all show the same image.
+        """
+        h, c = self._lstm(tokens, state)
+        hidden = (image + h) @ self.decoder_kernel
+        hidden += self.decoder_bias
+        np.maximum(hidden, 0.0, out=hidden)
+        return self._logits(hidden), (h, c)
+
+    def lstm_outputs(self, tokens: np.ndarray) -> np.ndarray:
+        """One caption's tokens (T,) fed from the initial state -> the LSTM's output after each, (T, units).
+
+        The LSTM never sees the image, so these serve every image (explain.py's teacher-forced pass).
+        """
+        state = self.initial_state(1)
+        outputs = np.empty((len(tokens), self.units), np.float32)
+        for t in range(len(tokens)):
+            state = self._lstm(tokens[t : t + 1], state)
+            outputs[t] = state[0][0]
+        return outputs
+
+    def _lstm(self, tokens: np.ndarray, state: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        h, c = state
+        gates = self._step_token_gates[tokens]  # a new array: the in-place steps below don't touch the table
+        gates = gates.reshape(len(gates), 4, self.units).swapaxes(0, 1)  # a view, gate by gate: (4, n, units)
+        gates += np.matmul(h, self._step_recurrent_kernel)
+        np.tanh(gates, out=gates)
+        sigmoids = gates[:3]
+        sigmoids *= 0.5
+        sigmoids += 0.5
+        input_gate, forget_gate, output_gate, cell_input = gates
+        c = forget_gate * c
+        c += input_gate * cell_input
+        h = np.tanh(c)
+        h *= output_gate
+        return h, c
+
+    def _logits(self, hidden: np.ndarray) -> np.ndarray:
+        """hidden @ output_kernel + output_bias, computed block of columns by block for a few rows.
+
+        NumPy's OpenBLAS multiplies a few rows by a whole (256, vocab) matrix slowly; the same product as one
+        np.matmul over (256, OUTPUT_BLOCK_COLUMNS) blocks of columns takes about half the time for 2 to 24 rows,
+        the same numbers bit for bit for the bundled model. One row (a vector product) and many rows (a batch
+        of images' beams) are as fast or faster whole (python -m benchmarks.decoding).
+        """
+        rows = len(hidden)
+        if not 1 < rows <= MAX_ROWS_BY_BLOCKS:
+            logits = hidden @ self.output_kernel
+            logits += self.output_bias
+            return logits
+        by_block = np.matmul(hidden, self._output_kernel_blocks)  # (blocks, rows, columns of a block)
+        logits = np.empty((rows, *self._output_bias_blocks.shape), np.float32)
+        np.add(by_block.transpose(1, 0, 2), self._output_bias_blocks, out=logits)
+        return logits.reshape(rows, -1)[:, : self.output_kernel.shape[1]]  # without the last block's padding
+
+
+# `StepModel._logits`' blocks: of the widths measured, 64 columns was about the fastest for 2 to 20 rows; from
+# about 32 rows on, blocks were no faster than the whole matrix (python -m benchmarks.decoding --products).
+OUTPUT_BLOCK_COLUMNS = 64
+MAX_ROWS_BY_BLOCKS = 24
+
+
+def column_blocks(matrix: np.ndarray, width: int) -> np.ndarray:
+    """(rows, columns) -> (blocks, rows, width): its columns in consecutive blocks, the last padded with zeros."""
+    rows, columns = matrix.shape
+    blocks = -(-columns // width)
+    padded = np.zeros((rows, blocks * width), np.float32)
+    padded[:, :columns] = matrix
+    return np.ascontiguousarray(padded.reshape(rows, blocks, width).transpose(1, 0, 2))

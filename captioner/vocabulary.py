@@ -11,7 +11,10 @@ import json
 import re
 from collections import Counter
 from collections.abc import Iterable
+from functools import cached_property
 from pathlib import Path
+
+import numpy as np
 
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIAL_TOKENS = (PAD, START, END, UNK)  # ids 0..3; PAD must be 0 for mask_zero
@@ -50,6 +53,24 @@ class Vocabulary:
     def forbidden_ids(self) -> list[int]:
         """Tokens a generated caption may never contain (END only ends it)."""
         return [self.pad_id, self.start_id, self.unk_id]
+
+    def allowed_tokens(self, first: bool = False) -> np.ndarray:
+        """(vocab,) bool, read-only: the tokens a generated caption may contain at a position (`first`: its first).
+
+        Never padding, start or unknown, and <end> never first, so that no caption is empty. The one rule:
+        decoding's probabilities, explain's and self-critical training's are the model's renormalised over these.
+        """
+        return self._allowed_tokens[first]
+
+    @cached_property
+    def _allowed_tokens(self) -> dict[bool, np.ndarray]:
+        later = np.ones(len(self), bool)
+        later[self.forbidden_ids] = False
+        first = later.copy()
+        first[self.end_id] = False
+        for mask in (first, later):
+            mask.flags.writeable = False
+        return {True: first, False: later}
 
     @classmethod
     def from_captions(cls, captions: Iterable[str], min_count: int = 10) -> "Vocabulary":

@@ -1,21 +1,23 @@
 """The straightforward decoders that the fast ones in captioner/decoding.py must agree with.
 
 These are the decoders as first written (one image at a time in Python inside each beam step, the
-LSTM gate by gate, n-gram blocking caption by caption): easy to check by reading, and slow. The fast
-decoders choose with array operations over all images at once; tests/test_decoding_reference.py
-checks that both give the same captions and scores.
+LSTM gate by gate, the vocabulary's rule and n-gram blocking written out caption by caption): easy to
+check by reading, and slow. The fast decoders (DecodingTask's GreedyDecoder and BeamSearchDecoder) choose
+with array operations over all images at once; tests/test_decoding_reference.py checks that both give the
+same captions and scores.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from captioner.decoding import DecodingOptions, Hypothesis, StepDecoder, allowed_log_probs, length_normalised, prefix_ids
+from captioner.decoding import DecodingOptions, Hypothesis, length_normalised, prefix_ids
+from captioner.model import StepModel
 from captioner.vocabulary import Vocabulary
 
 
-def reference_step(decoder: StepDecoder, image: np.ndarray, tokens: np.ndarray, state):
-    """StepDecoder.step as Keras defines the LSTM: gates input, forget, cell, output, each with its own sigmoid."""
+def reference_step(decoder: StepModel, image: np.ndarray, tokens: np.ndarray, state):
+    """StepModel.step as Keras defines the LSTM: gates input, forget, cell, output, each with its own sigmoid."""
     h, c = state
     z = decoder.token_gates[tokens] + h @ decoder.recurrent_kernel
     i, f, g, o = np.split(z, 4, axis=1)
@@ -27,6 +29,14 @@ def reference_step(decoder: StepDecoder, image: np.ndarray, tokens: np.ndarray, 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
     return 0.5 * (np.tanh(0.5 * x) + 1.0)
+
+
+def allowed_log_probs(logits: np.ndarray, vocab: Vocabulary, first_step: bool) -> np.ndarray:
+    """Log-softmax over the tokens a caption may contain at this step (the vocabulary's rule)."""
+    log_probs = np.where(vocab.allowed_tokens(first_step), logits, -np.inf).astype(np.float32)
+    log_probs -= log_probs.max(axis=-1, keepdims=True)
+    log_probs -= np.log(np.exp(log_probs).sum(axis=-1, keepdims=True))
+    return log_probs
 
 
 def forbid_repeated_ngrams(log_probs: np.ndarray, captions: list[tuple[int, ...]], n: int) -> None:
@@ -42,30 +52,30 @@ def forbid_repeated_ngrams(log_probs: np.ndarray, captions: list[tuple[int, ...]
                 log_probs[row, caption[i + n - 1]] = -np.inf
 
 
-def start(step_decoder: StepDecoder, vocab: Vocabulary, image: np.ndarray, prefix: tuple[int, ...]):
+def start(model: StepModel, vocab: Vocabulary, image: np.ndarray, prefix: tuple[int, ...]):
     """Feed <start> and the prefix to every row: -> (state, logits after the last one, the prefix's log-prob)."""
     n = len(image)
-    state = step_decoder.initial_state(n)
-    logits, state = reference_step(step_decoder, image, np.full(n, vocab.start_id), state)
+    state = model.initial_state(n)
+    logits, state = reference_step(model, image, np.full(n, vocab.start_id), state)
     log_prob = np.zeros(n)
     for position, token in enumerate(prefix):
         log_prob += allowed_log_probs(logits, vocab, first_step=position == 0)[:, token]
-        logits, state = reference_step(step_decoder, image, np.full(n, token), state)
+        logits, state = reference_step(model, image, np.full(n, token), state)
     return state, logits, log_prob
 
 
 def greedy_decode(
-    step_decoder: StepDecoder, vocab: Vocabulary, image: np.ndarray, options: DecodingOptions, max_new_tokens: int
+    model: StepModel, vocab: Vocabulary, image: np.ndarray, options: DecodingOptions, max_new_tokens: int
 ) -> list[Hypothesis]:
-    """The most likely next token at each step. image: the projected image branch (StepDecoder.project_image)."""
+    """The most likely next token at each step. image: the projected image branch (StepModel.project_image)."""
     n, prefix = len(image), prefix_ids(vocab, options.prefix)
     steps = options.max_new_tokens or max_new_tokens
-    state, logits, log_probs = start(step_decoder, vocab, image, prefix)
+    state, logits, log_probs = start(model, vocab, image, prefix)
     captions = [prefix] * n
     finished = np.zeros(n, dtype=bool)
     for step in range(steps):
         if step:
-            logits, state = reference_step(step_decoder, image, tokens, state)
+            logits, state = reference_step(model, image, tokens, state)
         step_log_probs = allowed_log_probs(logits, vocab, first_step=not prefix and step == 0)
         forbid_repeated_ngrams(step_log_probs, captions, options.no_repeat_ngram_size)
         tokens = np.where(finished, vocab.end_id, step_log_probs.argmax(axis=-1))
@@ -74,11 +84,11 @@ def greedy_decode(
         finished |= tokens == vocab.end_id
         if finished.all():
             break
-    return [Hypothesis(caption, float(lp)) for caption, lp in zip(captions, log_probs)]
+    return [Hypothesis(caption, float(lp), float(lp)) for caption, lp in zip(captions, log_probs)]
 
 
 def beam_search_decode(
-    step_decoder: StepDecoder, vocab: Vocabulary, image: np.ndarray, options: DecodingOptions, max_new_tokens: int
+    model: StepModel, vocab: Vocabulary, image: np.ndarray, options: DecodingOptions, max_new_tokens: int
 ) -> list[list[Hypothesis]]:
     """Keeps the `beam_width` best unfinished captions per image; a caption that
     picks <end> moves to that image's finished list. An image is done once it
@@ -87,7 +97,7 @@ def beam_search_decode(
     ranked by the length-normalised score."""
     n, k, prefix = len(image), options.beam_width, prefix_ids(vocab, options.prefix)
     steps = options.max_new_tokens or max_new_tokens
-    state, logits, prefix_log_prob = start(step_decoder, vocab, image, prefix)
+    state, logits, prefix_log_prob = start(model, vocab, image, prefix)
     # Live beams of all images, flattened: row r belongs to image owner[r].
     owner = np.arange(n)
     captions: list[tuple[int, ...]] = [prefix] * n
@@ -96,7 +106,7 @@ def beam_search_decode(
 
     for step in range(steps):
         if step:
-            logits, state = reference_step(step_decoder, image[owner], tokens, state)
+            logits, state = reference_step(model, image[owner], tokens, state)
         h, c = state
         step_log_probs = allowed_log_probs(logits, vocab, first_step=not prefix and step == 0)
         forbid_repeated_ngrams(step_log_probs, captions, options.no_repeat_ngram_size)
@@ -120,7 +130,7 @@ def beam_search_decode(
                 caption = captions[row] + (token,)
                 if token == vocab.end_id or last_step:
                     if len(finished[i]) < k:
-                        finished[i].append(Hypothesis(caption, float(score)))
+                        finished[i].append(Hypothesis(caption, float(score), length_normalised(float(score), len(caption), options.length_penalty)))
                 else:
                     next_rows.append(row)
                     next_tokens.append(token)
@@ -136,8 +146,4 @@ def beam_search_decode(
         owner, tokens, scores = np.array(next_owner), np.array(next_tokens), np.array(next_scores)
         state = (h[next_rows], c[next_rows])
 
-    alpha = options.length_penalty
-    return [
-        sorted(hyps, key=lambda hyp: length_normalised(hyp.log_prob, len(hyp.tokens), alpha), reverse=True)[:k]
-        for hyps in finished
-    ]
+    return [sorted(hyps, key=lambda hyp: hyp.score, reverse=True)[:k] for hyps in finished]

@@ -124,6 +124,19 @@ def test_a_rerun_captions_only_what_is_missing(tiny_weights, collection, tmp_pat
     assert len(out.read_text().splitlines()) == 1
 
 
+def test_sampled_captions_with_a_seed_do_not_depend_on_the_batches(tiny_captioner, tiny_weights, collection, tmp_path):
+    _, good, _ = collection
+    sampling = ["--method", "sample", "--temperature", "2", "--top-p", "1", "--seed", "5"]
+    for batch_size in (3, 32):
+        out = tmp_path / f"batches_of_{batch_size}.jsonl"
+        assert batch.main([*map(str, good[:10]), "--out", str(out), "--weights", str(tiny_weights), *sampling,
+                           "--batch-size", str(batch_size)]) == 0
+        records = read_records(out)
+        # As the library samples each image, whatever the batch it came in (a resumed job, Ray's batches).
+        expected = tiny_captioner.caption_batch(good[:10], method="sample", temperature=2, top_p=1, seed=5)
+        assert [records[str(path)]["caption"] for path in good[:10]] == [c.text for c in expected]
+
+
 def test_csv_and_parquet_hold_the_same_records(tiny_weights, collection, tmp_path):
     import pyarrow.parquet as pq
 
@@ -171,6 +184,7 @@ def test_bad_arguments_are_refused_with_a_sentence(tiny_weights, collection, tmp
         (foreign, [], "is not a record of this command"),
         (tmp_path / "c.jsonl", ["--prefix", "a zebra"], "doesn't know the word 'zebra'"),
         (tmp_path / "c.jsonl", ["--beam-width", "11"], "Beam width must be between 1 and 10"),
+        (tmp_path / "c.jsonl", ["--method", "sample", "--temperature", "5"], "Temperature must be between 0.1 and 2"),
     ]:
         with pytest.raises(SystemExit) as exit_info:
             batch.main([str(folder), "--out", str(out), "--weights", str(tiny_weights), *extra])

@@ -46,6 +46,15 @@ def test_the_prefix_starts_the_caption(tiny_weights, example_images):
     assert result.returncode == 0 and result.stdout.startswith(f"{example_images[0]}: a dog")
 
 
+def test_sampling_with_a_seed_repeats_its_captions(tiny_weights, example_images):
+    sampling = ["--method", "sample", "--temperature", "2", "--top-p", "0.95", "--seed", "11", "--json"]
+    first, again = (run_cli(*example_images[:3], "--weights", tiny_weights, *sampling) for _ in range(2))
+    assert first.returncode == 0, first.stderr
+    assert first.stdout == again.stdout and len(first.stdout.splitlines()) == 3
+    result = run_cli(example_images[0], "--weights", tiny_weights, "--method", "sample", "--top-p", "0")
+    assert result.returncode == 2 and "Top-p must be more than 0" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_explain_writes_each_words_heatmap(tiny_weights, example_images, tmp_path):
     out = tmp_path / "explained"
     result = run_cli(example_images[0], example_images[1], "--weights", tiny_weights, "--prefix", "a dog", "--explain", out, "--json")

@@ -1,6 +1,7 @@
-"""The fast decoders (captioner/decoding.py: every beam step chosen with array operations over all images,
-and their paths for one image) give exactly the captions of the straightforward ones
-(tests/reference_decoding.py), on a tiny random model and on the bundled weights, for every decoding option.
+"""The fast decoders (captioner/decoding.py's DecodingTask with its GreedyDecoder and BeamSearchDecoder: every
+beam step chosen with array operations over all images, and their paths for one image) give exactly the
+captions of the straightforward ones (tests/reference_decoding.py), on a tiny random model and on the bundled
+weights, for every decoding option.
 
 Scores are compared to 1e-5 rather than bit for bit: the fast greedy decoder drops finished captions
 from the batch, and a matrix product's rounding can depend on how many rows it has.
@@ -11,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from captioner.decoding import DecodingOptions, beam_search_decode, decode, greedy_decode
+from captioner.decoding import DecodingOptions, DecodingTask, TokenDecoder
 from tests import reference_decoding as reference
 from tests.conftest import ROOT
 
@@ -32,24 +33,28 @@ def assert_same_hypotheses(fast, slow):
     for fast_hyps, slow_hyps in zip(fast, slow):
         assert [h.tokens for h in fast_hyps] == [h.tokens for h in slow_hyps]
         np.testing.assert_allclose([h.log_prob for h in fast_hyps], [h.log_prob for h in slow_hyps], rtol=0, atol=1e-5)
+        np.testing.assert_allclose([h.score for h in fast_hyps], [h.score for h in slow_hyps], rtol=0, atol=1e-5)
+
+
+def decode(captioner, features: np.ndarray, options: DecodingOptions):
+    return DecodingTask(captioner.step_model, captioner.vocab, options, captioner.config.max_new_tokens).run(features)
 
 
 def compare(captioner, features: np.ndarray, options: DecodingOptions):
-    step, vocab, budget = captioner.step_decoder, captioner.vocab, captioner.config.max_new_tokens
-    image = step.project_image(features)
+    model, vocab, budget = captioner.step_model, captioner.vocab, captioner.config.max_new_tokens
+    image = model.project_image(features)
     if options.method == "greedy":
-        fast = [[h] for h in greedy_decode(step, vocab, image, options, budget)]
-        slow = [[h] for h in reference.greedy_decode(step, vocab, image, options, budget)]
+        slow = [[h] for h in reference.greedy_decode(model, vocab, image, options, budget)]
     else:
-        fast = beam_search_decode(step, vocab, image, options, budget)
-        slow = reference.beam_search_decode(step, vocab, image, options, budget)
+        slow = reference.beam_search_decode(model, vocab, image, options, budget)
+    fast = decode(captioner, features, options)
     assert_same_hypotheses(fast, slow)
     return fast
 
 
-@pytest.mark.parametrize("rows", [1, 6, 40])  # output layer whole, by blocks (2 to decoding.MAX_ROWS_BY_BLOCKS rows), whole
+@pytest.mark.parametrize("rows", [1, 6, 40])  # output layer whole, by blocks (2 to model.MAX_ROWS_BY_BLOCKS rows), whole
 def test_the_step_is_the_gate_by_gate_lstm(tiny_captioner, rows):
-    step = tiny_captioner.step_decoder
+    step = tiny_captioner.step_model
     rng = np.random.default_rng(1)
     image = step.project_image(rng.random((rows, tiny_captioner.config.feature_dim)).astype(np.float32) * 3)
     state = step.initial_state(rows)
@@ -75,10 +80,19 @@ def test_tiny_random_model_same_captions_as_the_reference(tiny_captioner, option
 def test_an_image_decodes_the_same_alone_and_in_a_batch(tiny_captioner):
     features = np.random.default_rng(4).random((9, tiny_captioner.config.feature_dim)).astype(np.float32) * 3
     options = DecodingOptions()
-    together = decode(tiny_captioner.step_decoder, tiny_captioner.vocab, features, options, 11)
+    together = decode(tiny_captioner, features, options)
     for i in range(len(features)):
-        (alone,) = decode(tiny_captioner.step_decoder, tiny_captioner.vocab, features[i : i + 1], options, 11)
+        (alone,) = decode(tiny_captioner, features[i : i + 1], options)
         assert [h.tokens for h in alone] == [h.tokens for h in together[i]]
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=str)
+def test_the_one_image_paths_give_what_the_batch_bookkeeping_gives_for_one_image(tiny_captioner, monkeypatch, options):
+    features = np.random.default_rng(5).random((6, tiny_captioner.config.feature_dim)).astype(np.float32) * 3
+    fast = [decode(tiny_captioner, features[i : i + 1], options) for i in range(len(features))]
+    monkeypatch.setattr(TokenDecoder, "one_image_path", False)
+    for i, alone in enumerate(fast):
+        assert decode(tiny_captioner, features[i : i + 1], options) == alone  # tokens, log-probs and scores, bit for bit
 
 
 @pytest.fixture(scope="module")

@@ -13,14 +13,8 @@ import tensorflow as tf
 from PIL import Image, ImageDraw
 
 from captioner import Captioner, DecodingOptions, ImageEncoder
-from captioner.decoding import StepDecoder
-from captioner.explain import (
-    allowed_tokens,
-    grad_cam,
-    teacher_forced_hidden,
-    word_log_prob_gradients,
-)
-from captioner.model import ModelConfig, build_caption_model
+from captioner.explain import grad_cam, word_log_prob_gradients
+from captioner.model import ModelConfig, StepModel, build_caption_model
 from captioner.vocabulary import Vocabulary
 from tests.test_training import COLOURS, SHAPES, needs_imagenet_mobilenet
 
@@ -44,15 +38,17 @@ def random_model():
 @pytest.mark.parametrize("renormalised", [False, True], ids=["softmax", "decoding's allowed tokens"])
 def test_closed_form_gradient_equals_tensorflow_autodiff(random_model, renormalised):
     model, vocab = random_model
-    decoder = StepDecoder(model)
+    step_model = StepModel(model)
     rng = np.random.default_rng(5)
     targets = np.array([*rng.integers(4, len(vocab), 7), vocab.end_id])
-    allowed = allowed_tokens(vocab, len(targets)) if renormalised else None
-    inputs = tf.constant(np.concatenate([[vocab.start_id], targets[:-1]])[None].astype("int32"))
+    # Decoding's rule: the first word may not be <end>, no word padding, <start> or <unknown>.
+    allowed = np.stack([vocab.allowed_tokens(first=t == 0) for t in range(len(targets))]) if renormalised else None
+    tokens = np.concatenate([[vocab.start_id], targets[:-1]])
+    inputs = tf.constant(tokens[None].astype("int32"))
 
     # Centred features, so that some of image_dense's ReLUs are off and the gradient has to stop there.
     for features in (rng.normal(size=96).astype("float32"), rng.random(96).astype("float32") * 3):
-        log_probs, gradients = word_log_prob_gradients(decoder, features, teacher_forced_hidden(decoder, vocab, targets), targets, allowed)
+        log_probs, gradients = word_log_prob_gradients(step_model, features, step_model.lstm_outputs(tokens), targets, allowed)
 
         watched = tf.constant(features[None])
         with tf.GradientTape(persistent=True) as tape:
@@ -118,6 +114,19 @@ def test_explains_a_given_caption_and_draws_overlays(tiny_captioner, example_ima
     difference = np.abs(np.asarray(overlay, float) - np.asarray(photo.convert("RGB"), float)).sum(axis=2)
     assert difference[heat > 0.8].mean() > 20
     assert difference[heat < 0.01].mean() < 2
+
+
+def test_explaining_a_decode_workers_pixels_is_explaining_the_photo(tiny_captioner, example_images):
+    photo = Image.open(example_images[0])
+    pixels = tiny_captioner.prepare_pixels([photo])[0]  # what a decode worker sends: (224, 224, 3) uint8
+    from_photo = tiny_captioner.explain(photo, options=GREEDY)
+    from_pixels = tiny_captioner.explain_pixels(pixels, display=np.asarray(photo), options=GREEDY)
+    assert from_pixels.caption == from_photo.caption and from_pixels.log_prob == from_photo.log_prob
+    for a, b in zip(from_pixels.words, from_photo.words):
+        assert a.word == b.word and a.probability == b.probability
+        np.testing.assert_array_equal(a.heatmap, b.heatmap)
+    assert from_pixels.image.size == photo.size  # drawn on the photo given to show
+    assert tiny_captioner.explain_pixels(pixels, caption="a dog").image.size == (224, 224)  # or on the pixels
 
 
 def test_large_photos_are_explained_on_a_smaller_copy(tiny_captioner):

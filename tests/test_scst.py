@@ -16,8 +16,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from captioner.decoding import StepDecoder, allowed_log_probs
-from captioner.model import ModelConfig, build_caption_model
+from captioner.model import ModelConfig, StepModel, build_caption_model
 from captioner.vocabulary import Vocabulary, normalize_caption
 from captioner.weights import HISTORY_FILE, WEIGHTS_FILE, read_folder
 from tests.conftest import FLICKR8K, TINY_WORDS
@@ -119,10 +118,16 @@ def tiny_model(seed: int = 0, sharpen_forbidden: bool = False):
     return model, vocab, config
 
 
+def allowed_log_probs(logits: np.ndarray, vocab: Vocabulary, first: bool) -> np.ndarray:
+    """The model's log-probabilities over the tokens the vocabulary allows a caption (what decoding samples from)."""
+    logits = np.where(vocab.allowed_tokens(first), logits.astype(np.float64), -np.inf)
+    return logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
+
+
 def test_sampling_never_emits_the_tokens_decoding_forbids():
     model, vocab, config = tiny_model(sharpen_forbidden=True)
     features = np.random.default_rng(0).normal(size=(40, 16)).astype(np.float32)
-    tokens, lengths = sample_captions(StepDecoder(model), vocab, features, 5, config.max_new_tokens, np.random.default_rng(1))
+    tokens, lengths = sample_captions(StepModel(model), vocab, features, 5, config.max_new_tokens, np.random.default_rng(1))
     assert tokens.shape[0] == 200
     for row, length in zip(tokens, lengths):
         caption = list(row[:length])
@@ -138,10 +143,10 @@ def test_sampling_never_emits_the_tokens_decoding_forbids():
 def test_samples_follow_the_models_distribution():
     model, vocab, config = tiny_model(seed=3)
     features = np.random.default_rng(0).normal(size=(1, 16)).astype(np.float32)
-    decoder = StepDecoder(model)
+    decoder = StepModel(model)
     tokens, _ = sample_captions(decoder, vocab, features, 20000, 1, np.random.default_rng(2))
     logits, _ = decoder.step(decoder.project_image(features), np.array([vocab.start_id]), decoder.initial_state(1))
-    expected = np.exp(allowed_log_probs(logits, vocab, first_step=True))[0]
+    expected = np.exp(allowed_log_probs(logits, vocab, first=True))[0]
     observed = np.bincount(tokens[:, 0], minlength=len(vocab)) / len(tokens)
     np.testing.assert_allclose(observed, expected, atol=0.012)  # 20,000 draws: a few standard errors
 
@@ -151,13 +156,13 @@ def test_the_gradient_pass_scores_the_sampled_captions_as_the_sampler_drew_them(
     # log-probability the NumPy sampler drew it with: the policy gradient is that of the policy sampled.
     model, vocab, config = tiny_model(seed=5)
     features = np.random.default_rng(4).normal(size=(6, 16)).astype(np.float32)
-    decoder = StepDecoder(model)
+    decoder = StepModel(model)
     tokens, lengths = sample_captions(decoder, vocab, features, 4, config.max_new_tokens, np.random.default_rng(3))
     image = np.repeat(decoder.project_image(features), 4, axis=0)
     state, previous, expected = decoder.initial_state(len(image)), np.full(len(image), vocab.start_id), np.zeros(len(image))
     for t in range(tokens.shape[1]):
         logits, state = decoder.step(image, previous, state)
-        step_log_probs = allowed_log_probs(logits, vocab, first_step=t == 0)[np.arange(len(image)), tokens[:, t]]
+        step_log_probs = allowed_log_probs(logits, vocab, first=t == 0)[np.arange(len(image)), tokens[:, t]]
         expected += np.where(t < lengths, step_log_probs, 0.0)
         previous = tokens[:, t]
     inputs, targets, mask = teacher_forcing_inputs(tokens, lengths, vocab)
@@ -170,7 +175,7 @@ def test_the_gradient_pass_scores_the_sampled_captions_as_the_sampler_drew_them(
 def test_a_step_makes_better_than_average_samples_likelier_and_leaves_the_embedding_frozen():
     model, vocab, config = tiny_model(seed=7)
     features = np.random.default_rng(5).normal(size=(8, 16)).astype(np.float32)
-    tokens, lengths = sample_captions(StepDecoder(model), vocab, features, 4, config.max_new_tokens, np.random.default_rng(6))
+    tokens, lengths = sample_captions(StepModel(model), vocab, features, 4, config.max_new_tokens, np.random.default_rng(6))
     advantages = leave_one_out_advantages(np.random.default_rng(7).normal(size=(8, 4))).ravel()
     repeated = np.repeat(features, 4, axis=0)
     step = SelfCriticalStep(model, vocab, 1e-3, dropout=False)

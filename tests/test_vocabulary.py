@@ -1,3 +1,5 @@
+import numpy as np
+
 from captioner.vocabulary import END, PAD, SPECIAL_TOKENS, START, UNK, Vocabulary, normalize_caption
 
 
@@ -13,6 +15,15 @@ def test_special_tokens_come_first_and_pad_is_zero():
     assert (vocab.pad_id, vocab.stoi[PAD]) == (0, 0)
     assert set(vocab.forbidden_ids) == {vocab.stoi[PAD], vocab.stoi[START], vocab.stoi[UNK]}
     assert vocab.stoi[END] not in vocab.forbidden_ids
+
+
+def test_the_allowed_tokens_are_one_rule_for_every_position():
+    vocab = Vocabulary(["dog", "cat"])
+    never = [vocab.pad_id, vocab.start_id, vocab.unk_id]
+    later, first = vocab.allowed_tokens(), vocab.allowed_tokens(first=True)
+    assert later.shape == (len(vocab),) and not later[never].any() and later[vocab.end_id] and later[4:].all()
+    assert np.flatnonzero(first != later).tolist() == [vocab.end_id]  # <end> never first: no empty caption
+    assert not later.flags.writeable  # shared by every caller: nobody may change it
 
 
 def test_encode_decode_round_trip(tmp_path):
