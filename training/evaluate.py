@@ -1,4 +1,4 @@
-"""Step 5: caption the test split and score it as papers do.
+"""Step 5: caption the dataset's test split and score it as papers do.
 
     python -m training.evaluate [--weights weights] [--work-dir artifacts] [--split test]
     python -m training.evaluate --weights W --split dev --sweep     # choose the decoding: many settings on dev
@@ -6,8 +6,8 @@
 Scores with the coco-caption toolkit (pycocoevalcap: BLEU-1..4, METEOR,
 ROUGE-L, CIDEr; METEOR needs Java) for greedy decoding, beam widths 3 and 5,
 and beam width 5 with a GNMT length penalty of 2, plus NLTK's corpus BLEU, the figure hobby versions of this model report.
-Writes metrics.json beside the weights, metrics.md (a markdown table) and
-captions_<split>.json (the best setting's captions, for inspection).
+Writes metrics.json beside the weights (with the dataset's name and the split's size), metrics.md (a markdown
+table) and captions_<split>.json (the best setting's captions, for inspection).
 """
 
 from __future__ import annotations
@@ -101,7 +101,9 @@ def evaluate(config: EvaluateConfig, settings: dict = SETTINGS) -> dict:
         hypotheses_by_setting[label] = hypotheses
     best = RECOMMENDED_LABEL if RECOMMENDED_LABEL in results else max(results, key=lambda k: results[k]["CIDEr"])
     (weights / f"captions_{split}.json").write_text(json.dumps({"decoding": best, "captions": hypotheses_by_setting[best]}, indent=0) + "\n")
-    metrics = {"split": split, "images": len(names), "toolkit": "pycocoevalcap 1.2 (coco-caption)", "best": best, "results": results}
+    metrics = {"dataset": dataset["dataset"]["name"], "split": split,
+               "images": len(names), "references_per_image": round(sum(map(len, references.values())) / len(names), 2),
+               "toolkit": "pycocoevalcap 1.2 (coco-caption)", "best": best, "results": results}
     (weights / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
     (weights / "metrics.md").write_text(markdown_table(metrics))
     return metrics

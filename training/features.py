@@ -99,12 +99,11 @@ def extract_features(config: FeaturesConfig, splits=SPLITS):
                 progress.update(len(names) - sum(len(chunks[k]) for k in todo))  # chunks of an interrupted run
                 reading = read(todo[0]) if todo else []
                 for i, k in enumerate(todo):
-                    pixels = [future.result() for future in reading]
-                    reading = read(todo[i + 1]) if i + 1 < len(todo) else []  # decoded while this chunk is encoded
+                    # The next chunk is queued behind this one: the threads decode it while this one is encoded.
+                    decoding, reading = reading, read(todo[i + 1]) if i + 1 < len(todo) else []
                     encoder = encoder or ImageEncoder(encoder_name, weights=weights)
-                    readable = [n for n, p in zip(chunks[k], pixels) if p is not None]
-                    good = [p for p in pixels if p is not None]
-                    features = encode(encoder, np.stack(good) if good else np.zeros((0, *size[::-1], 3), np.uint8))
+                    features, readable = encode_as_decoded(encoder, decoding)
+                    readable = [n for n, ok in zip(chunks[k], readable) if ok]
                     np.save(parts / f"{k:05d}.tmp.npy", features)
                     (parts / f"{k:05d}.json").write_text(json.dumps(readable) + "\n")
                     (parts / f"{k:05d}.tmp.npy").rename(parts / f"{k:05d}.npy")  # a chunk is either whole or absent
@@ -148,10 +147,18 @@ def read_pixels(image, size: tuple[int, int]) -> np.ndarray | None:
         return None
 
 
-def encode(encoder: ImageEncoder, pixels: np.ndarray) -> np.ndarray:
-    """(n, h, w, 3) uint8 -> (n, feature_dim) features, in the encoder's own batches (ImageEncoder.__call__'s numbers)."""
-    batches = [encoder.encode_pixels(pixels[i : i + BATCH_SIZE]) for i in range(0, len(pixels), BATCH_SIZE)]
-    return np.concatenate(batches) if batches else np.zeros((0, encoder.feature_dim), np.float32)
+def encode_as_decoded(encoder: ImageEncoder, decoding: list) -> tuple[np.ndarray, list[bool]]:
+    """read_pixels' futures, in order -> (the features of the images that could be read, which could), encoded in the
+    encoder's own batches of BATCH_SIZE images (ImageEncoder.__call__'s numbers) as soon as a batch is decoded."""
+    features, readable, batch = [], [], []
+    for position, future in enumerate(decoding, 1):
+        pixels = future.result()
+        readable.append(pixels is not None)
+        batch += [] if pixels is None else [pixels]
+        if len(batch) == BATCH_SIZE or (position == len(decoding) and batch):
+            features.append(encoder.encode_pixels(np.stack(batch)))
+            batch = []
+    return (np.concatenate(features) if features else np.zeros((0, encoder.feature_dim), np.float32)), readable
 
 
 def _read_names(path: Path) -> list[str] | None:

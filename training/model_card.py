@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
@@ -19,7 +20,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from captioner.vocabulary import SPECIAL_TOKENS
 from captioner.weights import BUNDLED_WEIGHTS, CARD_FILE, CONFIG_FILE, METRICS_TABLE_FILE, read_folder
 
-TAGS = ["image-captioning", "keras", "lstm", "glove", "flickr8k"]
+TAGS = ["image-captioning", "keras", "lstm", "glove"]  # and the dataset's (dataset_id)
 # coco-caption metric names (training.evaluate.COCO_METRICS) -> the Hub's metric ids.
 HUB_METRIC_IDS = {"BLEU-1": "bleu", "BLEU-2": "bleu", "BLEU-3": "bleu", "BLEU-4": "bleu",
                   "METEOR": "meteor", "ROUGE-L": "rouge", "CIDEr": "cider"}
@@ -79,7 +80,7 @@ config.json records no training facts.
 {% endif %}
 ## Evaluation
 {% if metrics %}
-Scores on the Flickr8k {{ metrics.split }} split ({{ metrics.images }} images, 5 reference captions each), computed
+Scores on the {{ evaluated_on }} {{ metrics.split }} split ({{ metrics.images }} images, {{ references }} reference captions each), computed
 with {{ metrics.toolkit }}; the model-index above reports the best setting ({{ metrics.best }}).
 
 {{ metrics_table }}
@@ -107,12 +108,14 @@ CAPTIONER_REPO={{ repo_id }} CAPTIONER_REVISION=<commit sha> python app.py
 
 ## Limitations
 
-- **Domain.** Flickr8k is about 8,000 everyday photos, mostly of people and dogs, outdoors. Other subjects get captions
-  built from that world (a cat may become a dog; a chart may become "a man ...").
+- **Domain.** {% if dataset_name == "Flickr8k" %}Flickr8k is about 8,000 everyday photos, mostly of people and dogs, outdoors. Other subjects get captions
+  built from that world (a cat may become a dog; a chart may become "a man ...").{% else %}It knows the world of its training captions ({{ dataset_name }}{% if training.fine_tuned_from %}, and
+  before them the world of the model it was fine-tuned from{% endif %}). Other subjects get captions built from that world.{% endif %}
 - **Small vocabulary.** It can only use the {{ config.vocab_size - special_tokens | length }} words frequent in its training captions.
 - **English only**, short and generic captions; the model can state things that are not in the image.
-- **Data.** The Flickr8k images and captions are for research use under their own terms; this repository contains
-  neither, only weights trained on them. Captions can carry the biases of the crowd-sourced annotations.
+- **Data.** {% if dataset_name == "Flickr8k" %}The Flickr8k images and captions are for research use under their own terms; this repository contains
+  neither, only weights trained on them. Captions can carry the biases of the crowd-sourced annotations.{% else %}The images and captions keep their own terms; this repository contains neither, only weights trained
+  on them. Captions can carry the biases of the people who wrote them.{% endif %}
 """
 
 
@@ -122,12 +125,13 @@ def write_model_card(weights_dir: str | Path, repo_id: str | None = None) -> Pat
     folder = read_folder(weights_dir)
     training = json.loads((weights_dir / CONFIG_FILE).read_text()).get("training", {})
     metrics, metrics_table = folder.metrics, weights_dir / METRICS_TABLE_FILE
+    name = dataset_name(training)
     card_data = ModelCardData(
         library_name="keras",
         license="mit",
         language="en",
         pipeline_tag="image-to-text",
-        tags=TAGS,
+        tags=[*TAGS, dataset_id(name)],
         metrics=sorted(set(HUB_METRIC_IDS.values())),
         model_name=repo_id or "merge-cnn-lstm-captioner",
         eval_results=eval_results(metrics) or None,
@@ -142,6 +146,9 @@ def write_model_card(weights_dir: str | Path, repo_id: str | None = None) -> Pat
         encoder_credit=next((c for prefix, c in ENCODER_CREDITS.items() if folder.config.encoder.startswith(prefix)),
                             KERAS_APPLICATIONS_CREDIT),
         dataset=training.get("dataset", "Flickr8k"),
+        dataset_name=name,
+        evaluated_on=metrics.get("dataset", "Flickr8k") if metrics else None,  # metrics of before it was recorded: Flickr8k's
+        references=fact_text(metrics.get("references_per_image", 5)) if metrics else None,
         special_tokens=SPECIAL_TOKENS,
         training={key: fact_text(value) for key, value in training.items()},
         has_plot=(weights_dir / "history.png").is_file(),
@@ -162,8 +169,8 @@ def eval_results(metrics: dict | None) -> list[EvalResult]:
         EvalResult(
             task_type="image-to-text",
             task_name="Image captioning",
-            dataset_type="flickr8k",
-            dataset_name="Flickr8k",
+            dataset_type=dataset_id(metrics.get("dataset", "Flickr8k")),
+            dataset_name=metrics.get("dataset", "Flickr8k"),
             dataset_split=metrics["split"],
             metric_type=HUB_METRIC_IDS[name],
             metric_name=name,
@@ -173,6 +180,16 @@ def eval_results(metrics: dict | None) -> list[EvalResult]:
         for name, value in metrics["results"][best].items()
         if name in HUB_METRIC_IDS
     ]
+
+
+def dataset_name(training: dict) -> str:
+    """The training dataset's name: training.train's "dataset" fact starts with it ("COCO (Karpathy's splits ...)")."""
+    return training.get("dataset", "Flickr8k").split(" (")[0]
+
+
+def dataset_id(name: str) -> str:
+    """A dataset's name as a tag: "Flickr8k" -> "flickr8k", "my photos.csv" -> "my-photos-csv"."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
 def fact_text(value) -> str:

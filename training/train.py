@@ -31,6 +31,7 @@ from captioner.vocabulary import Vocabulary, normalize_caption
 from captioner.weights import BUNDLED_WEIGHTS, VOCAB_FILE, WEIGHTS_FILE, write_config
 from training.config import option, parse_config
 from training.features import encoder_weights_file, features_dir, load_features
+from training.finetune import start_from
 from training.prepare import DEFAULT_WORK_DIR
 
 
@@ -186,11 +187,15 @@ class TrainConfig:
     flip: bool = option(False, "also train on the mirrored images (needs features --flip)")
     dropout: float = option(0.3, "the architecture's dropout")
     seed: int = option(1234, "seeds the weights' initialisation and the batches' order")
+    learning_rate: float = option(1e-3, "Adam's learning rate")
+    init_from: Path | None = option(None, "fine-tune this weights folder instead of starting from random weights "
+                                          "(its vocabulary extended by training.prepare --init-from; training/finetune.py)")
 
 
 def train(config: TrainConfig) -> dict:
     work_dir, out, encoder, epochs, batch_size = Path(config.work_dir), Path(config.out), config.encoder, config.epochs, config.batch_size
     patience, seed, dropout, monitor, flip = config.patience, config.seed, config.dropout, config.monitor, config.flip
+    learning_rate, init_from = config.learning_rate, config.init_from
     encoder_info = json.loads((features_dir(work_dir, encoder) / "encoder.json").read_text())
     encoder_weights = "random" if encoder_info["random_weights"] else "imagenet"
     keras.utils.set_random_seed(seed)
@@ -213,8 +218,11 @@ def train(config: TrainConfig) -> dict:
 
     config = ModelConfig(encoder=encoder, vocab_size=len(vocab), context_length=dataset["max_length"],
                          feature_dim=train_features.shape[1], dropout=dropout)
-    model = build_caption_model(config, embedding)
-    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy")
+    if init_from is None:
+        model = build_caption_model(config, embedding)
+    else:  # the folder's network and weights, its vocabulary grown to the work dir's
+        model, config = start_from(init_from, config, vocab, embedding)
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss="sparse_categorical_crossentropy")
 
     out.mkdir(parents=True, exist_ok=True)
     checkpoint = out / WEIGHTS_FILE
@@ -251,13 +259,16 @@ def train(config: TrainConfig) -> dict:
     best_epoch = history[monitor].index(better(history[monitor])) + 1
     shutil.copy(work_dir / "vocab.json", out / VOCAB_FILE)
     training_facts = {
-        "dataset": "Flickr8k (official splits" + (f", first {dataset['limit']} images of each)" if dataset.get("limit") else ")"),
+        "dataset": f"{dataset['dataset']['name']} ({dataset['dataset']['split_rule']}"
+                   + (f", first {dataset['limit']} images of each)" if dataset.get("limit") else ")"),
         "train_images": len(train_names), "train_sequences": len(rows),
         "epochs_run": len(history["loss"]), "early_stopping": f"{monitor} on the dev split, patience {patience}",
         "best_epoch": best_epoch, "dev_scores_at_best_epoch": {k: round(history[k][best_epoch - 1], 4) for k in ("val_loss", "dev_bleu4", "dev_cider")},
-        "batch_size": batch_size, "mirrored_images": flip, "optimizer": "Adam(1e-3)", "seed": seed, "train_seconds": round(seconds, 1),
+        "batch_size": batch_size, "mirrored_images": flip, "optimizer": f"Adam({learning_rate:g})", "seed": seed, "train_seconds": round(seconds, 1),
         "vocabulary_min_count": dataset["vocabulary"]["min_count"],
     }
+    if init_from is not None:
+        training_facts |= {"fine_tuned_from": str(init_from), "words_added": len(dataset["vocabulary"]["added_words"])}
     # A converted encoder's weights file (EfficientNet-Lite) travels with the folder, checksummed.
     write_config(out, config, encoder_weights=encoder_weights, encoder_file=encoder_weights_file(work_dir, encoder),
                  training=training_facts)

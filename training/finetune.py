@@ -1,0 +1,95 @@
+"""Fine-tuning: training starts from a trained weights folder (the bundled model, or any) instead of random weights.
+
+    python -m training.run_all --dataset csv --data captions.csv --images photos/ --init-from weights --out weights-mine
+
+A few hundred captioned photos are far too few to learn captioning from scratch, but enough to move a model that
+already captions toward their domain: their objects, their words, their way of describing. So the network stays
+captioner/model.py's, exactly, with the folder's weights; only the vocabulary grows:
+
+- prepare keeps the folder's vocabulary, ids unchanged, and appends the new training captions' words seen more than
+  --min-count times that it lacks (`extended_vocabulary`);
+- a new word's input row is its GloVe vector, like every word's (the embedding stays frozen);
+- its output unit (a column of the last Dense layer and its bias) starts as the mean of the units of its
+  NEIGHBOURS nearest words in the folder's vocabulary, by the cosine of their GloVe vectors: "giraffe" starts out
+  predicted where "zebra", "elephant" and "animal" would be, and fine-tuning tells them apart. A word GloVe lacks
+  starts from the mean of all the old units.
+
+Training is then training.train's, from these weights (TrainConfig.init_from), at a lower learning rate; the image
+features must come from the folder's own encoder, which run_all arranges (its encoder weights file, when it has one).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from captioner.model import ModelConfig, build_caption_model
+from captioner.vocabulary import SPECIAL_TOKENS, Vocabulary, normalize_caption
+from captioner.weights import load_vocabulary, read_decoder_weights, read_folder
+
+NEIGHBOURS = 5  # old words whose output units a new word's starts from
+LEARNING_RATE = 1e-4  # Adam's, a tenth of training from scratch: the folder's knowledge is moved, not overwritten
+
+
+class FineTuningError(ValueError):
+    """The weights folder and the prepared data don't fit together; the message says how to make them."""
+
+
+def extended_vocabulary(folder: Path, train_captions: list[str], min_count: int) -> tuple[Vocabulary, list[str]]:
+    """The folder's vocabulary, then the words of `train_captions` seen more than `min_count` times that it lacks
+    (most frequent first, ties alphabetical, as Vocabulary.from_captions orders them) -> (vocabulary, the added words)."""
+    base = load_vocabulary(read_folder(folder))
+    counts = Counter(word for caption in train_captions for word in normalize_caption(caption))
+    added = sorted((w for w, n in counts.items() if n > min_count and w not in base.stoi), key=lambda w: (-counts[w], w))
+    return Vocabulary([*base.itos[len(SPECIAL_TOKENS):], *added]), added
+
+
+def start_from(folder: Path, config: ModelConfig, vocab: Vocabulary, embedding: np.ndarray):
+    """The Keras model to fine-tune -> (model, its config): `folder`'s network and weights, grown to `vocab`.
+
+    config: what training would build from scratch (encoder, vocabulary size, context length, dropout); the
+    folder's embedding and LSTM sizes replace its defaults. embedding: GloVe's rows for `vocab` (training.glove).
+    """
+    init = read_folder(folder)
+    if (init.config.encoder, init.config.feature_dim) != (config.encoder, config.feature_dim):
+        raise FineTuningError(f"{folder} reads {init.config.encoder} features ({init.config.feature_dim}-d), but the "
+                              f"work dir's are {config.encoder} ({config.feature_dim}-d): compute the features with "
+                              f"--encoder {init.config.encoder}.")
+    base = load_vocabulary(init)
+    if vocab.itos[: len(base)] != base.itos:
+        raise FineTuningError(f"the work dir's vocabulary does not extend {folder}'s: run training.prepare with "
+                              f"--init-from {folder}.")
+    config = replace(config, embedding_dim=init.config.embedding_dim, units=init.config.units)
+    model = build_caption_model(config, embedding)
+    for name, arrays in grown_weights(read_decoder_weights(init), embedding).items():
+        model.get_layer(name).set_weights(arrays)
+    return model, config
+
+
+def grown_weights(weights: dict[str, list[np.ndarray]], embedding: np.ndarray) -> dict[str, list[np.ndarray]]:
+    """A trained decoder's weights by layer name (weights.read_decoder_weights) -> the same for the grown vocabulary
+    `embedding` describes (its first rows the old words'): the old rows and units as they were, the new words' input
+    rows from `embedding` and their output units from their neighbours' (`new_output_units`)."""
+    (old_embedding,) = weights["word_embedding"]
+    kernel, bias = weights["next_word"]
+    new_kernel, new_bias = new_output_units(kernel, bias, old_embedding, embedding[len(old_embedding):])
+    return weights | {"word_embedding": [np.concatenate([old_embedding, embedding[len(old_embedding):]])],
+                      "next_word": [np.concatenate([kernel, new_kernel], axis=1), np.concatenate([bias, new_bias])]}
+
+
+def new_output_units(kernel: np.ndarray, bias: np.ndarray, old_vectors: np.ndarray, new_vectors: np.ndarray):
+    """(units, old) kernel and (old,) bias of the output layer, the old and new words' GloVe vectors -> the new words'
+    (units, new) kernel columns and (new,) biases: each the mean of its NEIGHBOURS nearest old words' (cosine), special
+    tokens and words without a vector left out; a new word without a vector gets the mean of all old words'."""
+    candidates = np.flatnonzero(np.linalg.norm(old_vectors, axis=1) > 0)
+    candidates = candidates[candidates >= len(SPECIAL_TOKENS)]
+    unit = lambda m: m / np.maximum(np.linalg.norm(m, axis=1, keepdims=True), 1e-12)  # noqa: E731
+    nearest = candidates[np.argsort(-(unit(new_vectors) @ unit(old_vectors[candidates]).T), axis=1, kind="stable")[:, :NEIGHBOURS]]
+    columns, biases = kernel[:, nearest].mean(axis=2), bias[nearest].mean(axis=1)
+    without_vector = np.linalg.norm(new_vectors, axis=1) == 0
+    columns[:, without_vector] = kernel[:, len(SPECIAL_TOKENS):].mean(axis=1, keepdims=True)
+    biases[without_vector] = bias[len(SPECIAL_TOKENS):].mean()
+    return columns.astype(kernel.dtype), biases.astype(bias.dtype)
