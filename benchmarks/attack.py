@@ -194,28 +194,28 @@ def classify_refusal(response) -> str:
 
 # ---- one client per finding of issue 18, a user captioning meanwhile -----------------------------------
 
-ATTACKER = "203.0.113.66"  # the attacker's address, as the proxy reports it (X-Forwarded-For from loopback)
+ATTACKERS = "203.0.113.{}"  # each scenario's client's address, as the proxy reports it (X-Forwarded-For from loopback)
 MAX_SCENARIO_USER_P95_S = 2.0  # issue 18: the user's /caption p95 while one client runs any of these
 
 
 class Scenarios:
-    """Issue 18's findings, each run by one client (ATTACKER) in a loop until `stop` is set; each returns a
+    """Issue 18's findings, each run by one client (`address`) in a loop until `stop` is set; each returns a
     Counter of how its requests were answered. F9 (a weights folder's config) is the operator's, not a request's."""
 
-    def __init__(self, attack: Attack, photo: bytes):
-        self.attack, self.url = attack, attack.url
+    def __init__(self, attack: Attack, photo: bytes, address: str):
+        self.attack, self.url, self.address = attack, attack.url, address
         self.photo = photo
         self.big_png = attack.files["largest_legal.png"]  # 40 megapixels in 0.7 MB, as in finding 2
 
     def client(self):
         import httpx
 
-        return httpx.Client(base_url=self.url + "/gradio_api", timeout=60, headers={"x-forwarded-for": ATTACKER})
+        return httpx.Client(base_url=self.url + "/gradio_api", timeout=60, headers={"x-forwarded-for": self.address})
 
     def raw(self, head: str) -> socket.socket:
         host, port = self.url.removeprefix("http://").split(":")
         sock = socket.create_connection((host, int(port)), timeout=30)
-        sock.sendall(f"{head}Host: {host}\r\nX-Forwarded-For: {ATTACKER}\r\n\r\n".encode())
+        sock.sendall(f"{head}Host: {host}\r\nX-Forwarded-For: {self.address}\r\n\r\n".encode())
         return sock
 
     def unsent_bodies(self, stop: threading.Event) -> Counter:
@@ -374,9 +374,10 @@ def run_scenarios(app, attack: Attack, photos: list[bytes], seconds: float, prog
     the app's memory and upload cache."""
     import psutil
 
-    process, scenarios, results = psutil.Process(app.process.pid), Scenarios(attack, photos[0]), {}
-    for name, scenario in SCENARIOS.items():
+    process, results = psutil.Process(app.process.pid), {}
+    for number, (name, scenario) in enumerate(SCENARIOS.items()):
         progress(f"scenario {name} ({seconds:g} s) ...")
+        scenarios = Scenarios(attack, photos[0], ATTACKERS.format(10 + number))  # each its own client (and upload quota)
         stop, latencies, failures = threading.Event(), [], []
         rss_start, cache_start = process.memory_info().rss / 1e6, _folder_mb(app.upload_dir)
 
@@ -542,7 +543,7 @@ def report(results: dict) -> str:
                      ["", "requests", "p50", "p95", "max"]),
     ]
     if results.get("scenarios"):
-        out += ["", f"One client per finding of issue 18 ({ATTACKER}), a user captioning every 0.5 s meanwhile",
+        out += ["", f"One client per finding of issue 18 ({ATTACKERS.format('10-20')}), a user captioning every 0.5 s meanwhile",
                 format_table([[name, r["user"].get("count", 0), r["user_failures"], r["user"].get("p50_ms"), r["user"].get("p95_ms"),
                                r["user"].get("max_ms"), ", ".join(f"{k} {v}" for k, v in sorted(r["attack_answers"].items())),
                                f"{r['rss_growth_mb']:+.0f}", " -> ".join(map(str, r["upload_cache_mb"]))]
