@@ -207,7 +207,7 @@ class NoRepeatNgram(LogitFilter):
 
 
 class DecodingTask:
-    """`DecodingOptions` resolved for one model, once per request: the prompt's tokens (unknown words are
+    """`DecodingOptions` resolved for one model, once per request: the prefix's tokens (unknown words are
     refused here, by name), the step budget, the logit filters and the decoder. `run` decodes any number of
     images with them."""
 
