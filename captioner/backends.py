@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import threading
 import warnings
@@ -118,7 +119,7 @@ class OpenVINOBackend(EncoderBackend):
                  cache_key: str | None = None):
         """feature_map_model: the Keras model, or a function that builds it, called only if the cache lacks it.
         cache_key: names the model in the cache; None: the built model's fingerprint (model_fingerprint)."""
-        import openvino as ov
+        ov = import_openvino()
 
         self.core = _core()
         given = None if callable(feature_map_model) and not hasattr(feature_map_model, "inputs") else feature_map_model
@@ -182,11 +183,24 @@ class OpenVINOBackend(EncoderBackend):
 
 
 def _convert(model: keras.Model):
-    import openvino as ov
-
+    ov = import_openvino()
     with warnings.catch_warnings():  # Keras notes that OpenVINO's tracer passes the input as a tuple: harmless
         warnings.simplefilter("ignore", UserWarning)
         return ov.convert_model(model)
+
+
+def import_openvino():
+    """`import openvino`, without its usage reports.
+
+    OpenVINO reports its import and every model conversion to Google Analytics (the openvino_telemetry package)
+    unless the machine's user opted out or CI=true is set: a server would look that host up for every start.
+    Nothing here may connect anywhere unasked, so the package is hidden from OpenVINO, which then uses its own
+    no-op stand-in, as when the package isn't installed (tests/test_security_round3.py watches for connections).
+    """
+    sys.modules.setdefault("openvino_telemetry", None)  # None: `import openvino_telemetry` raises ImportError
+    import openvino
+
+    return openvino
 
 
 def default_cache_dir() -> Path:
@@ -228,15 +242,13 @@ def _core():
     global _openvino_core
     with _core_lock:
         if _openvino_core is None:
-            import openvino as ov
-
-            _openvino_core = ov.Core()
+            _openvino_core = import_openvino().Core()
         return _openvino_core
 
 
 def _openvino_available() -> bool:
     try:
-        import openvino  # noqa: F401
+        import_openvino()
     except ImportError:
         return False
     return True
