@@ -183,6 +183,14 @@ def _layer_arrays(layer, prefix: str, state: dict[str, np.ndarray]) -> tuple[lis
     return arrays, keys
 
 
+def check_fits(source: str, array: np.ndarray, variable) -> None:
+    """A converted array fits the Keras variable it is for: the same shape, finite float32 data."""
+    if tuple(variable.shape) != array.shape:
+        raise ConversionError(f"{source} has shape {array.shape}, {variable.path} needs {tuple(variable.shape)}")
+    if array.dtype != np.float32 or not np.all(np.isfinite(array)):
+        raise ConversionError(f"{source} is not finite float32 data")
+
+
 def assign_state_dict(model: keras.Model, state: dict[str, np.ndarray]) -> None:
     """Give every variable of `model` its value from `state`, using every key of `state`; else ConversionError."""
     used: set[str] = set()
@@ -198,10 +206,7 @@ def assign_state_dict(model: keras.Model, state: dict[str, np.ndarray]) -> None:
         if len(arrays) != len(layer.weights):
             raise ConversionError(f"layer {layer.name} has {len(layer.weights)} variables, the state dict gives {len(arrays)}")
         for variable, array, key in zip(layer.weights, arrays, keys):
-            if tuple(variable.shape) != array.shape:
-                raise ConversionError(f"{key} has shape {array.shape}, layer {layer.name} needs {tuple(variable.shape)}")
-            if array.dtype != np.float32 or not np.all(np.isfinite(array)):
-                raise ConversionError(f"{key} is not finite float32 data")
+            check_fits(key, array, variable)
         layer.set_weights(arrays)
         used.update(keys)
         assigned += len(arrays)
@@ -427,10 +432,7 @@ def assign_keras2_weights(model: keras.Model, weights: dict[str, np.ndarray]) ->
         arrays = []
         for variable in layer.weights:
             name, array = by_path[variable.path]
-            if tuple(variable.shape) != array.shape:
-                raise ConversionError(f"{name} has shape {array.shape}, {variable.path} needs {tuple(variable.shape)}")
-            if array.dtype != np.float32 or not np.all(np.isfinite(array)):
-                raise ConversionError(f"{name} is not finite float32 data")
+            check_fits(name, array, variable)
             arrays.append(array)
         layer.set_weights(arrays)
 
