@@ -19,11 +19,11 @@ import pytest
 
 from captioner.vocabulary import Vocabulary
 from captioner.weights import read_folder
+from tests.conftest import FLICKR8K, SHARED
 from training import run_all
 from training.datasets import DatasetError
 from training.finetune import NEIGHBOURS, extended_vocabulary, new_output_units
 from training.prepare import PrepareConfig, prepare
-from tests.conftest import FLICKR8K, SHARED
 
 COCO_DEV = SHARED / "coco-dev"
 needs_coco_dev = pytest.mark.skipif(not (COCO_DEV / "captions.tsv").is_file(), reason=f"no coco-dev photos at {COCO_DEV}")
@@ -140,11 +140,11 @@ def test_csv_and_tsv_files_with_or_without_header_and_split_column(tmp_path):
     ("mine.csv", "image,caption\na.jpg,a dog\nb.jpg,\n", "mine.csv line 3: expected an image name and a caption"),
     ("mine.csv", "a.jpg,a dog,train\nb.jpg,a cat\n", "mine.csv line 2: expected 3 fields (image,caption[,split], as on the first line), found 2"),
     ("mine.csv", "a.jpg,a dog,train\nb.jpg,a cat,holdout\n", "mine.csv line 2: the split should be one of train, restval, dev, val"),
-    ("mine.csv", "a.jpg,a dog,train\na.jpg,a cat,test\n", "mine.csv line 2: the split should be one of train, restval, dev, val, "
-                                                         "validation, test, and a.jpg's earlier rows say train"),
+    ("mine.csv", "a.jpg,a dog,train\na.jpg,a cat,test\n",
+     "mine.csv line 2: the split should be one of train, restval, dev, val, validation, test, and a.jpg's earlier rows say train"),
     ("mine.csv", "image,caption,source\na.jpg,a dog,me\n", "mine.csv line 1: the header should name the columns image, caption"),
-    ("dataset_flickr30k.json", '{"images": [\n{"filename": "a.jpg", "split": "train", "sentences": []},\n'
-                               '{"filename": "b.jpg", "split": "train"}]}', "dataset_flickr30k.json: images[1] should be an object"),
+    ("dataset_flickr30k.json", '{"images": [\n{"filename": "a.jpg", "split": "train", "sentences": []},\n{"filename": "b.jpg"}]}',
+     "dataset_flickr30k.json: images[1] should be an object"),
     ("dataset_flickr30k.json", '{"images": [{"filename": "a.jpg", "split": "train",\n "sentences": [{"raw": 3}]}]}',
      "images[0].sentences[0] should be an object with \"raw\" (text) or \"tokens\""),
     ("dataset_flickr30k.json", '{"images": [\n{"filename": "a.jpg",}\n]}', "dataset_flickr30k.json line 2: not valid JSON"),
@@ -217,12 +217,12 @@ def test_fine_tuning_a_folder_on_a_few_photos_end_to_end(tiny_weights, tmp_path)
     assert code == 0
 
     dataset = json.loads((work / "dataset.json").read_text())
-    assert sum(dataset["missing_images"].values(), []) == ["gone.jpg"]
+    assert [name for names in dataset["missing_images"].values() for name in names] == ["gone.jpg"]
     split_of = {name: split for split, names in dataset["splits"].items() for name in names}
     features = work / "features" / "mobilenet_v2"
     assert json.loads((features / f"{split_of['broken.jpg']}.unreadable.json").read_text()) == ["broken.jpg"]
     rows = {split: json.loads((features / f"{split}.json").read_text()) for split in ("train", "dev", "test")}
-    assert sorted(sum(rows.values(), [])) == sorted(set(captions) - {"broken.jpg", "gone.jpg"})
+    assert sorted(name for names in rows.values() for name in names) == sorted(set(captions) - {"broken.jpg", "gone.jpg"})
 
     tiny, tuned = read_folder(tiny_weights), read_folder(out)
     old_words, words = Vocabulary.load(tiny_weights / "vocab.json").itos, Vocabulary.load(out / "vocab.json").itos

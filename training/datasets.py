@@ -57,8 +57,7 @@ class CaptionDataset:
 
     def describe(self) -> dict:
         """What dataset.json records about the dataset (the model card and metrics.json name it from here)."""
-        return {"name": self.name, "images_folder": str(self.images.resolve()), "split_rule": self.split_rule,
-                "images": {split: len(self.splits[split]) for split in SPLITS}}
+        return {"name": self.name, "images_folder": str(self.images.resolve()), "split_rule": self.split_rule}
 
 
 def read_dataset(kind: str, data: Path, images: Path | None = None, split_file: Path | None = None,
@@ -143,8 +142,9 @@ def read_csv_captions(path: Path) -> tuple[dict[str, list[str]], dict[str, str] 
     tab = path.suffix.lower() in (".tsv", ".tab", ".txt")
     expected = "IMAGE<TAB>CAPTION" if tab else "image,caption"
     with open(path, encoding="utf-8-sig", newline="") as f:
-        rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE) if tab else csv.reader(f))
-    header = [cell.strip().lower() for cell in rows[0]] if rows else []
+        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE) if tab else csv.reader(f)
+        rows = [(reader.line_num, row) for row in reader]  # the line a row ends on: a quoted caption may span lines
+    header = [cell.strip().lower() for cell in rows[0][1]] if rows else []
     has_header = bool(header) and header[0] in IMAGE_COLUMNS and len(header) > 1 and header[1] in CAPTION_COLUMNS
     if has_header and header[2:] not in ([], ["split"]):
         raise DatasetError(f"{path.name} line 1: the header should name the columns image, caption and optionally split; "
@@ -152,7 +152,7 @@ def read_csv_captions(path: Path) -> tuple[dict[str, list[str]], dict[str, str] 
     columns = len(header) if has_header else None
     captions: dict[str, list[str]] = defaultdict(list)
     split_of: dict[str, str] = {}
-    for line, row in enumerate(rows[1:] if has_header else rows, start=2 if has_header else 1):
+    for line, row in rows[1:] if has_header else rows:
         if not any(cell.strip() for cell in row):
             continue
         columns = columns or len(row)  # the first row decides whether there is a split column

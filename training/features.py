@@ -6,13 +6,14 @@ Uses the app's own image preparation and encoder (captioner.ImageEncoder). Encod
 weights keras.applications lacks (EfficientNet-Lite) use the file training.convert_encoder makes
 (converting it first if needed), or --encoder-file (a weights folder's encoder.weights.h5, to fine-tune it):
 exactly the weights the trained folder will carry. Images are read from the folder dataset.json names.
-Writes features/<encoder>/<split>.npy (float32, one row per image) and
-<split>.json (the image names, in row order; <split>.unreadable.json those that could not be read). With --flip, also
-train_flipped.npy: the training images mirrored, a second view of each for training.
+Writes features/<encoder>/<split>.npy (float32, one row per image) and <split>.json (the image names, in row
+order; <split>.unreadable.json lists those that could not be read). With --flip, also train_flipped.npy: the
+training images mirrored, a second view of each for training.
 
-Large datasets: worker threads decode and resize the next chunk's images (Pillow releases the GIL) while the
-encoder runs on this one, and each chunk of CHUNK images is saved as it is done, so an interrupted run resumes at
-its first unfinished chunk. Missing image files, and files that can't be read as images, are skipped and counted.
+Large datasets: worker threads decode and resize the images (Pillow releases the GIL) while the encoder runs on the
+batches already decoded, the next chunk queued behind the one being encoded, and each chunk of CHUNK images is
+saved as it is done, so an interrupted run resumes at its first unfinished chunk. Missing image files, and files
+that can't be read as images, are skipped and counted. The numbers are ImageEncoder.__call__'s, batch for batch.
 """
 
 from __future__ import annotations
@@ -25,9 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
-
 from PIL import Image, ImageOps
+from tqdm import tqdm
 
 from captioner.encoder import BATCH_SIZE, ENCODERS, ImageEncoder
 from captioner.image import InvalidImageError, load_image, prepare_pixels
@@ -94,13 +94,13 @@ def extract_features(config: FeaturesConfig, splits=SPLITS):
             (parts / "names.json").write_text(json.dumps(names) + "\n")
             chunks = [names[i : i + CHUNK] for i in range(0, len(names), CHUNK)]
             todo = [k for k in range(len(chunks)) if not (parts / f"{k:05d}.npy").is_file()]
-            read = lambda k: [readers.submit(read_pixels, view(images / n), size) for n in chunks[k]]  # noqa: E731
             with tqdm(total=len(names), desc=f"{name_on_disk} features", unit="img") as progress:
                 progress.update(len(names) - sum(len(chunks[k]) for k in todo))  # chunks of an interrupted run
-                reading = read(todo[0]) if todo else []
+                reading = read(readers, [view(images / n) for n in chunks[todo[0]]], size) if todo else []
                 for i, k in enumerate(todo):
                     # The next chunk is queued behind this one: the threads decode it while this one is encoded.
-                    decoding, reading = reading, read(todo[i + 1]) if i + 1 < len(todo) else []
+                    upcoming = [view(images / n) for n in chunks[todo[i + 1]]] if i + 1 < len(todo) else []
+                    decoding, reading = reading, read(readers, upcoming, size)
                     encoder = encoder or ImageEncoder(encoder_name, weights=weights)
                     features, readable = encode_as_decoded(encoder, decoding)
                     readable = [n for n, ok in zip(chunks[k], readable) if ok]
@@ -137,6 +137,11 @@ def encoder_weights(config: FeaturesConfig) -> tuple[str | Path | None, dict]:
     else:
         return "imagenet", info
     return weights, info | {"weights_file_sha256": sha256(weights)}
+
+
+def read(readers: ThreadPoolExecutor, images: list, size: tuple[int, int]) -> list:
+    """Hand the images to the decoding threads -> their futures, in order (read_pixels' results)."""
+    return [readers.submit(read_pixels, image, size) for image in images]
 
 
 def read_pixels(image, size: tuple[int, int]) -> np.ndarray | None:

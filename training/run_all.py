@@ -61,6 +61,7 @@ class RunConfig:
     min_count: int = option(prepare.PrepareConfig.min_count, "keep words seen more than this often in training captions")
     epochs: int = option(train.TrainConfig.epochs, "cross-entropy epochs at most; early stopping usually ends sooner")
     batch_size: int = option(train.TrainConfig.batch_size, "captions per cross-entropy batch")
+    patience: int = option(train.TrainConfig.patience, "cross-entropy epochs without a better dev CIDEr before stopping")
     learning_rate: float | None = option(None, f"cross-entropy's Adam learning rate (default: {train.TrainConfig.learning_rate:g}, "
                                                f"fine-tuning {finetune.LEARNING_RATE:g})")
     flip: bool = option(False, "also train on the mirrored training images")
@@ -92,7 +93,7 @@ def steps(run: RunConfig) -> list[tuple[str, callable, object]]:
     planned += [
         ("features", features.extract_features, features.FeaturesConfig(work, encoder, run.random_encoder, run.flip,
                                                                          encoder_file, run.workers)),
-        ("train", train.train, train.TrainConfig(work, out, encoder, run.epochs, run.batch_size, flip=run.flip,
+        ("train", train.train, train.TrainConfig(work, out, encoder, run.epochs, run.batch_size, run.patience, flip=run.flip,
                                                  learning_rate=learning_rate, init_from=run.init_from)),
     ]
     if run.scst_epochs:
