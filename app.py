@@ -40,7 +40,7 @@ from captioner.decoding import (
     limit_blas_threads,
 )
 from captioner.image import IMAGE_SUFFIXES, MAX_FILE_BYTES
-from webapp import middleware
+from webapp import middleware, traffic
 from webapp.handlers import BATCH_HEADERS, CANDIDATE_HEADERS, MAX_BATCH_FILES, METHOD_CHOICES, NOT_LOADED, CaptionPage
 
 log = logging.getLogger("app")
@@ -316,6 +316,7 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log.setLevel(logging.INFO)  # our request log; libraries (httpx, ...) stay at WARNING
     demo = build_demo(*load_captioner(args.weights, args.repo, args.revision))
+    traffic.trust_space_proxies()  # each visitor their own client behind a Space's proxies (webapp/traffic.py)
     demo.launch(
         share=args.share,
         server_name=args.host,

@@ -299,6 +299,21 @@ def test_explain_refuses_a_boolean_word(user, photo):
     assert kind == "error" and message.startswith("The word to show must be its position")
 
 
+def test_behind_a_spaces_proxies_each_visitor_is_their_own_client():
+    from uvicorn.middleware.proxy_headers import _TrustedHosts  # how uvicorn reads FORWARDED_ALLOW_IPS
+
+    space = {"SPACE_ID": "someone/captioner"}
+    traffic.trust_space_proxies(space)
+    trusted = _TrustedHosts(space["FORWARDED_ALLOW_IPS"])
+    # The Space's proxies (private addresses) append the address they saw; a visitor's own entries come before it.
+    assert trusted.get_trusted_client_address("198.51.100.7, 203.0.113.5, 10.2.3.4")[0] == "203.0.113.5"
+    assert trusted.get_trusted_client_address("203.0.113.9, 172.16.0.8")[0] == "203.0.113.9"
+    elsewhere, operator = {}, {"SPACE_ID": "someone/captioner", "FORWARDED_ALLOW_IPS": "10.9.9.9"}
+    traffic.trust_space_proxies(elsewhere)
+    traffic.trust_space_proxies(operator)
+    assert "FORWARDED_ALLOW_IPS" not in elsewhere and operator["FORWARDED_ALLOW_IPS"] == "10.9.9.9"
+
+
 def test_kept_views_are_bounded_in_total():
     views = sessions.KeptViews(max_bytes=10_000)
     keys = [views.put(object(), 1000) for _ in range(30)]

@@ -3,9 +3,9 @@
 A *client* is an address as the server sees it: `scope["client"]`, which uvicorn sets to the connection's
 peer, or, when that peer is a trusted proxy (uvicorn's FORWARDED_ALLOW_IPS; by default only 127.0.0.1 and
 ::1), to the last address the proxy appended to X-Forwarded-For. That is all the app trusts about who sent
-a request: on a Hugging Face Space, set FORWARDED_ALLOW_IPS to the Space proxy's address (or "*" when only
-the proxy can reach the container), so that each visitor is their own client. A *session* is the
-session_hash a request carries; it is the client's to choose, so it only ever narrows a client's share.
+a request. On a Hugging Face Space app.py trusts the Space's proxies (`trust_space_proxies`), so that each
+visitor is their own client; behind another proxy, set FORWARDED_ALLOW_IPS to its address. A *session* is
+the session_hash a request carries; it is the client's to choose, so it only ever narrows a client's share.
 
 - `BodyBudget`: event bodies are read whole to be checked; their bytes are counted as they arrive (an idle
   connection holds nothing), at most MAX_BUFFERED_PER_CLIENT per client and MAX_BUFFERED_EVENT_BYTES in all.
@@ -18,6 +18,7 @@ session_hash a request carries; it is the client's to choose, so it only ever na
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 
 # ---- limits ---------------------------------------------------------------------------------------
@@ -52,6 +53,19 @@ class Refused(Exception):
     def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status, self.message = status, message
+
+
+# On a Hugging Face Space every request reaches the app through the Space's own proxies, from private addresses.
+SPACE_PROXY_NETWORKS = "127.0.0.0/8,::1,10.0.0.0/8,172.16.0.0/12,192.168.0.0/16,fc00::/7"
+
+
+def trust_space_proxies(environ=os.environ) -> None:
+    """On a Space (SPACE_ID set), unless FORWARDED_ALLOW_IPS says otherwise, trust X-Forwarded-For from the Space's
+    proxies, so that each visitor is their own client: uvicorn trusts only loopback by default, and every visitor
+    would be the proxy's address, sharing one client's bounds. uvicorn takes the rightmost address no trusted
+    proxy added, the one the proxies saw: a visitor's own X-Forwarded-For entries can't pose as another client."""
+    if environ.get("SPACE_ID") and "FORWARDED_ALLOW_IPS" not in environ:
+        environ["FORWARDED_ALLOW_IPS"] = SPACE_PROXY_NETWORKS
 
 
 def client_address(scope) -> str:
