@@ -260,7 +260,7 @@ def test_training_on_lite_features_puts_the_encoder_file_in_the_folder(converted
     prepare(PrepareConfig(FLICKR8K, work, limit=12))
     write_embedding_matrix(GloveConfig(work))
     shutil.copytree(converted.parent, work / "encoders")  # converted already: the step finds it
-    features.main(["--data", str(FLICKR8K), "--work-dir", str(work), "--encoder", "efficientnet_lite0"])
+    features.main(["--work-dir", str(work), "--encoder", "efficientnet_lite0"])
     info = json.loads((work / "features" / "efficientnet_lite0" / "encoder.json").read_text())
     assert info["weights_file_sha256"] == convert_encoder.sha256_of(converted)
     cached, names = features.load_features(work, "efficientnet_lite0", "dev")

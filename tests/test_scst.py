@@ -216,7 +216,7 @@ def small_run(tmp_path_factory) -> dict:
     work, ce = root / "work", root / "ce"
     prepare.main(["--data", str(FLICKR8K), "--work-dir", str(work), "--limit", str(SMALL_RUN_IMAGES)])
     glove.main(["--work-dir", str(work)])
-    extract_features(FeaturesConfig(FLICKR8K, work, "mobilenet_v2"), splits=("train", "dev"))
+    extract_features(FeaturesConfig(work, "mobilenet_v2"), splits=("train", "dev"))
     train.main(["--work-dir", str(work), "--out", str(ce), "--encoder", "mobilenet_v2", "--epochs", str(CE_EPOCHS),
                 "--patience", str(CE_PATIENCE), "--batch-size", "32"])
 
