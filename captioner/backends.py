@@ -13,6 +13,9 @@ give the pooled features (the map's global average), and the map itself when ask
   and weights). A restart finds them by that key without building the Keras model, or
   importing Keras: it loads them in a fraction of a second.
 
+A weights folder may carry the encoder as an OpenVINO model itself (encoder.xml + encoder.bin, float16 or int8:
+training/export_encoder.py): OpenVINO then compiles that file, and nothing is converted or needs Keras.
+
 `CAPTIONER_BACKEND=openvino|tensorflow` chooses; the default is OpenVINO where it imports.
 """
 
@@ -67,18 +70,26 @@ def backend_name(requested: str | None = None) -> str:
     return name
 
 
-def load_backend(build_model: Callable[[], keras.Model], name: str | None = None, cache_key: str | None = None) -> EncoderBackend:
+class KerasMissing(ImportError):
+    """The encoder must be built in Keras, which isn't installed; the message says what to install."""
+
+
+def load_backend(build_model: Callable[[], keras.Model], name: str | None = None, cache_key: str | None = None,
+                 ir: str | os.PathLike | None = None) -> EncoderBackend:
     """Run the Keras model `build_model()` gives with the chosen backend; OpenVINO falls back to TensorFlow if it
     can't compile it. cache_key: what names the model in OpenVINO's cache (then it is built only if the cache
-    lacks it); None: the built model's fingerprint."""
+    lacks it); None: the built model's fingerprint. ir: an OpenVINO model (.xml) of the encoder, which OpenVINO
+    compiles instead of converting the Keras model (TensorFlow still runs the Keras model: the reference)."""
     name = backend_name(name)
     if name == "openvino":
         try:
-            return OpenVINOBackend(build_model, cache_key=cache_key)
+            return OpenVINOBackend(build_model, cache_key=cache_key, ir=ir)
+        except KerasMissing:
+            raise
         except ImportError as exc:
             log.warning("OpenVINO isn't installed (%s); the encoder runs on TensorFlow.", exc)
         except Exception as exc:  # an operation OpenVINO can't convert: TensorFlow runs every Keras model
-            log.warning("OpenVINO couldn't compile the %s encoder (%s); it runs on TensorFlow.", build_model().name, exc)
+            log.warning("OpenVINO couldn't compile the encoder (%s); it runs on TensorFlow.", exc)
     return TensorFlowBackend(build_model())
 
 
@@ -115,13 +126,27 @@ class TensorFlowBackend(EncoderBackend):
 class OpenVINOBackend(EncoderBackend):
     name = "openvino"
 
-    def __init__(self, feature_map_model: keras.Model | Callable[[], keras.Model], cache_dir: str | os.PathLike | None = None,
-                 cache_key: str | None = None):
+    def __init__(self, feature_map_model: keras.Model | Callable[[], keras.Model] | None, cache_dir: str | os.PathLike | None = None,
+                 cache_key: str | None = None, ir: str | os.PathLike | None = None):
         """feature_map_model: the Keras model, or a function that builds it, called only if the cache lacks it.
-        cache_key: names the model in the cache; None: the built model's fingerprint (model_fingerprint)."""
+        cache_key: names the model in the cache; None: the built model's fingerprint (model_fingerprint).
+        ir: the encoder as an OpenVINO model (a weights folder's encoder.xml, pixels -> (pooled, maps)): compiled
+        as it is (OpenVINO's compiled blob cached), with no Keras model built or converted."""
         ov = import_openvino()
 
         self.core = _core()
+        if ir is not None:
+            cache = Path(cache_dir) if cache_dir else default_cache_dir()
+            self.cache_hit, self.ir = True, Path(ir)
+            try:
+                (cache / "openvino" / "compiled").mkdir(parents=True, exist_ok=True)
+                self.compiled = self.core.compile_model(str(ir), "CPU", {**OPENVINO_CONFIG, "CACHE_DIR": str(cache / "openvino" / "compiled")})
+            except OSError as exc:  # a read-only or full disk
+                log.warning("The OpenVINO cache at %s can't be used (%s); compiling without it.", cache, exc)
+                self.compiled = self.core.compile_model(str(ir), "CPU", OPENVINO_CONFIG)
+            self._outputs()
+            return
+        self.ir = None
         given = None if callable(feature_map_model) and not hasattr(feature_map_model, "inputs") else feature_map_model
 
         @functools.cache
@@ -144,6 +169,9 @@ class OpenVINOBackend(EncoderBackend):
         except OSError as exc:  # a read-only or full disk: compile without the cache, at the usual cost
             log.warning("The OpenVINO cache at %s can't be used (%s); compiling without it.", cache, exc)
             self.compiled = self.core.compile_model(_convert(model()), "CPU", OPENVINO_CONFIG)
+        self._outputs()
+
+    def _outputs(self) -> None:
         # Which output is which: the pooled features have rank 2, the maps rank 4.
         ranks = [len(output.get_partial_shape()) for output in self.compiled.outputs]
         self._pooled_index, self._maps_index = ranks.index(2), ranks.index(4)

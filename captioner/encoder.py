@@ -21,7 +21,7 @@ from typing import Callable
 import numpy as np
 
 from . import backends, efficientnet_lite
-from .backends import load_backend
+from .backends import KerasMissing, load_backend
 from .image import prepare_images
 from .lazy import keras  # imported on first use: a cached OpenVINO encoder runs without it
 from .weights import sha256
@@ -96,14 +96,17 @@ class ImageEncoder:
     leaves them random (tests, and the --random-encoder recipe).
     """
 
-    def __init__(self, name: str, weights: str | Path | None = "imagenet", backend: str | None = None):
-        """backend: "openvino" or "tensorflow"; None: $CAPTIONER_BACKEND, else OpenVINO where it imports (backends.py)."""
+    def __init__(self, name: str, weights: str | Path | None = "imagenet", backend: str | None = None,
+                 ir: str | Path | None = None):
+        """backend: "openvino" or "tensorflow"; None: $CAPTIONER_BACKEND, else OpenVINO where it imports (backends.py).
+        ir: the weights folder's OpenVINO model of this encoder (encoder.xml), which OpenVINO runs as it is: no
+        conversion, no Keras. TensorFlow runs the Keras model built from `weights` regardless (the reference)."""
         if name not in ENCODERS:
             raise ValueError(f"unknown encoder '{name}'; known: {', '.join(ENCODERS)}")
         self.name, self.spec, self.weights = name, ENCODERS[name], weights
         # OpenVINO finds a compiled encoder in its cache by this key alone: a restart runs it without building
         # the Keras model, or importing Keras at all.
-        self.backend = load_backend(lambda: self.feature_map_model, backend, cache_key=encoder_cache_key(name, weights))
+        self.backend = load_backend(lambda: self.feature_map_model, backend, cache_key=encoder_cache_key(name, weights), ir=ir)
 
     @cached_property
     def feature_map_model(self) -> keras.Model:
@@ -112,7 +115,17 @@ class ImageEncoder:
         weights = self.weights
         if weights == "imagenet" and converted_imagenet_weights(self.name).is_file():
             weights = converted_imagenet_weights(self.name)  # the same numbers as Keras' download, with no download
-        model = _build_reproducibly(self.spec, weights)
+        try:
+            model = _build_reproducibly(self.spec, weights)
+        except ImportError as exc:
+            if exc.name not in ("keras", "tensorflow") and "keras" not in str(exc) and "tensorflow" not in str(exc):
+                raise
+            raise KerasMissing(
+                f"The {self.name} encoder has to be built in Keras here (its weights folder carries no OpenVINO model, "
+                f"encoder.xml, or CAPTIONER_BACKEND=tensorflow), and Keras/TensorFlow isn't installed: "
+                "`pip install -r training/requirements.txt` (or `pip install \"image-captioner[train]\"`) adds them, "
+                "or `python -m training.export_encoder --weights FOLDER` adds the OpenVINO model to the folder."
+            ) from None
         model.trainable = False
         return model
 

@@ -89,7 +89,8 @@ class Captioner:
     @cached_property
     def encoder(self) -> ImageEncoder:
         """The image encoder, built on first use: captioning cached features never loads it."""
-        return ImageEncoder(self.config.encoder, weights=self.encoder_weights)
+        return ImageEncoder(self.config.encoder, weights=self.encoder_weights,  # the folder's OpenVINO model, if any
+                            ir=self.weights.encoder_ir if self.weights is not None else None)
 
     # ---- inference: images -> pixels -> features -> captions ---------------------------------
 

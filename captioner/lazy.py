@@ -50,7 +50,7 @@ class LazyModule(types.ModuleType):
     """A module imported on first attribute access (after TensorFlow, quietly)."""
 
     def __getattr__(self, attribute: str):
-        if self.__name__ not in sys.modules:
+        if sys.modules.get(self.__name__) is None:  # (None: a blocked import, which import_module reports)
             with _first_import:
                 import_tensorflow_quietly()
                 importlib.import_module(self.__name__)

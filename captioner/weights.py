@@ -5,6 +5,8 @@
     decoder.weights.h5   the caption model's weights (Keras .weights.h5: arrays only, no code, no pickle)
     encoder.weights.h5   optional: the image encoder's weights, for encoders keras.applications lacks
                          (EfficientNet-Lite, converted by training/convert_encoder.py); checksummed too
+    encoder.xml, encoder.bin  optional: the image encoder as an OpenVINO model (float16 or int8), which serving
+                         runs without converting anything or Keras (training/export_encoder.py); checksummed
     metrics.json         optional: test-split scores
     README.md, *.png     optional: model card and training plot
 
@@ -30,10 +32,12 @@ CONFIG_FILE, VOCAB_FILE, WEIGHTS_FILE = "config.json", "vocab.json", "decoder.we
 METRICS_FILE, METRICS_TABLE_FILE, CARD_FILE, HISTORY_FILE = "metrics.json", "metrics.md", "README.md", "history.json"
 CHECKSUMMED_FILES = (VOCAB_FILE, WEIGHTS_FILE)
 ENCODER_WEIGHTS_FILE = "encoder.weights.h5"  # optional; checksummed when present
+ENCODER_IR_FILE, ENCODER_IR_WEIGHTS_FILE = "encoder.xml", "encoder.bin"  # optional, together; checksummed
 # Every file a weights folder holds: what training.push uploads and the app downloads from the Hub
 # (never training's work files or caption dumps).
 FOLDER_FILES = [CONFIG_FILE, VOCAB_FILE, WEIGHTS_FILE, ENCODER_WEIGHTS_FILE, METRICS_FILE, METRICS_TABLE_FILE, CARD_FILE,
                 HISTORY_FILE, "*.png"]
+FOLDER_FILES += [ENCODER_IR_FILE, ENCODER_IR_WEIGHTS_FILE]
 # The repository's own weights/ folder: the bundled model, and where training writes by default.
 # `pip install .` puts a copy inside the package (see pyproject.toml).
 BUNDLED_WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
@@ -54,6 +58,7 @@ class WeightsFolder:
     source: str  # where it came from, for the user: "bundled weights/", "hub user/repo@sha", a path
     revision: str | None = None
     encoder_file: Path | None = None  # the folder's encoder.weights.h5, checked; None: keras.applications' weights
+    encoder_ir: Path | None = None  # the folder's encoder.xml (with encoder.bin), checked; None: converted from Keras
 
     @property
     def metrics(self) -> dict | None:
@@ -79,6 +84,8 @@ def write_config(folder: str | Path, config: ModelConfig, encoder_weights: str =
     """
     folder = Path(folder)
     target = folder / ENCODER_WEIGHTS_FILE
+    for name in (ENCODER_IR_FILE, ENCODER_IR_WEIGHTS_FILE):  # another encoder's: training.export_encoder writes them anew
+        (folder / name).unlink(missing_ok=True)
     if encoder_file is None:
         target.unlink(missing_ok=True)
     elif Path(encoder_file).resolve() != target.resolve():
@@ -118,7 +125,14 @@ def read_folder(folder: str | Path, source: str | None = None, revision: str | N
     if encoder_file.is_file() and ENCODER_WEIGHTS_FILE not in checksums:
         raise WeightsError(f"{encoder_file} is not listed in {CONFIG_FILE}'s checksums, so it can't be trusted; "
                            "copy or download the weights folder again.")
-    for name in [*CHECKSUMMED_FILES, *([ENCODER_WEIGHTS_FILE] if ENCODER_WEIGHTS_FILE in checksums else [])]:
+    for name in (ENCODER_IR_FILE, ENCODER_IR_WEIGHTS_FILE):
+        if (folder / name).is_file() and name not in checksums:
+            raise WeightsError(f"{folder / name} is not listed in {CONFIG_FILE}'s checksums, so it can't be trusted; "
+                               "copy or download the weights folder again.")
+    if (ENCODER_IR_FILE in checksums) != (ENCODER_IR_WEIGHTS_FILE in checksums):
+        raise WeightsError(f"{folder} is incomplete: {ENCODER_IR_FILE} and {ENCODER_IR_WEIGHTS_FILE} go together.")
+    optional = [name for name in (ENCODER_WEIGHTS_FILE, ENCODER_IR_FILE, ENCODER_IR_WEIGHTS_FILE) if name in checksums]
+    for name in [*CHECKSUMMED_FILES, *optional]:
         path = folder / name
         if not path.is_file():
             raise WeightsError(f"{folder} is incomplete: {name} is missing.")
@@ -128,7 +142,8 @@ def read_folder(folder: str | Path, source: str | None = None, revision: str | N
                 "changed after training. Download or copy the weights folder again."
             )
     return WeightsFolder(folder, config, content.get("encoder_weights", "imagenet"), source or str(folder), revision,
-                         encoder_file if ENCODER_WEIGHTS_FILE in checksums else None)
+                         encoder_file if ENCODER_WEIGHTS_FILE in checksums else None,
+                         encoder_ir=folder / ENCODER_IR_FILE if ENCODER_IR_FILE in checksums else None)
 
 
 def load_vocabulary(folder: WeightsFolder) -> Vocabulary:

@@ -111,10 +111,13 @@ print(captioner.encoder.backend.cache_hit, "keras" in sys.modules, "tensorflow" 
 """
 
 
-def test_a_restart_serves_from_the_cache_without_keras_or_tensorflow(cache, example_images):
-    """The first process builds the encoder in Keras and converts it; the next one imports neither (a cold
-    start of about a second instead of ten)."""
-    run = lambda: subprocess.run([sys.executable, "-c", SERVE, str(ROOT / "weights"), str(example_images[0])],  # noqa: E731
+def test_a_restart_serves_from_the_cache_without_keras_or_tensorflow(cache, example_images, tmp_path):
+    """A folder without the encoder's OpenVINO model: the first process builds the encoder in Keras and converts it;
+    the next one imports neither (a cold start of about a second instead of ten)."""
+    from training.export_encoder import without_openvino_model
+
+    folder = without_openvino_model(ROOT / "weights", tmp_path / "weights")
+    run = lambda: subprocess.run([sys.executable, "-c", SERVE, str(folder), str(example_images[0])],  # noqa: E731
                                  cwd=ROOT, capture_output=True, text=True, check=True, timeout=300).stdout.splitlines()
     first_caption, first_facts = run()
     assert first_facts == "False True True"  # converted, with Keras and TensorFlow
@@ -140,8 +143,27 @@ def bundled_on_both_backends():
 
     fast, reference = Captioner.from_pretrained(ROOT / "weights"), Captioner.from_pretrained(ROOT / "weights")
     reference.encoder = ImageEncoder(reference.config.encoder, reference.encoder_weights, backend="tensorflow")  # not the default
-    assert fast.encoder.backend.name == "openvino"
+    # The Keras encoder converted at load time in float32 (folders without encoder.xml): TensorFlow's numbers.
+    fast.encoder = ImageEncoder(fast.config.encoder, fast.encoder_weights, backend="openvino")
+    assert fast.encoder.backend.name == "openvino" and fast.encoder.backend.ir is None
     return fast, reference
+
+
+def test_the_bundled_folders_openvino_model_gives_the_references_captions(bundled_on_both_backends, example_images):
+    """What the app serves: the folder's own encoder.xml (int8, training/export_encoder.py), against TensorFlow's
+    float32 features: the same direction (cosine), and on the examples the same captions but one (int8 changes about
+    a quarter of Flickr8k's test captions, at the same CIDEr: training/export_encoder.py --evaluate)."""
+    from captioner import Captioner
+
+    served = Captioner.from_pretrained(ROOT / "weights")
+    assert served.encoder.backend.ir == ROOT / "weights" / "encoder.xml"
+    _, reference = bundled_on_both_backends
+    ours, expected = served.encode(example_images), reference.encode(example_images)
+    cosine = (ours * expected).sum(1) / np.linalg.norm(ours, axis=1) / np.linalg.norm(expected, axis=1)
+    assert cosine.min() > 0.95, cosine
+    for method in ("greedy", "beam"):
+        pairs = zip(served.caption_batch(example_images, method=method), reference.caption_batch(example_images, method=method))
+        assert sum(ours.text == expected.text for ours, expected in pairs) >= len(example_images) - 1
 
 
 @pytest.mark.parametrize("method", ["greedy", "beam"])

@@ -23,6 +23,9 @@ def test_the_folder_is_complete_and_its_checksums_match():
     # The encoder's converted ImageNet weights travel with the folder: nothing is downloaded for them.
     for name in ("encoder.weights.h5", "metrics.json", "metrics.md", "history.png", "history.json", "README.md"):
         assert (BUNDLED_WEIGHTS / name).is_file(), name
+    # ...and the encoder as the OpenVINO model serving runs (int8), each file under the Hub's 10 MiB rule.
+    assert folder.encoder_ir == BUNDLED_WEIGHTS / "encoder.xml"
+    assert all((BUNDLED_WEIGHTS / name).stat().st_size < 10 * 2**20 for name in ("encoder.xml", "encoder.bin"))
 
 
 def test_its_recorded_scores_meet_the_targets():

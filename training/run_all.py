@@ -1,6 +1,6 @@
 """Every training step in one command, from the images to a finished weights folder:
 
-    prepare -> glove -> convert_encoder -> features -> train -> self_critical -> evaluate -> model_card
+    prepare -> glove -> convert_encoder -> features -> train -> self_critical -> evaluate -> export_encoder -> model_card
 
     python -m training.run_all [--data ../shared/flickr8k] [--work-dir artifacts] [--out weights]
         [--encoder efficientnet_lite0] [--random-encoder] [--limit N] [--epochs E] [--scst-epochs S] [--skip-eval]
@@ -33,7 +33,7 @@ from pathlib import Path
 
 from captioner.encoder import ENCODERS
 from captioner.weights import WeightsError, read_folder
-from training import convert_encoder, evaluate, features, finetune, glove, model_card, prepare, scst, train
+from training import convert_encoder, evaluate, export_encoder, features, finetune, glove, model_card, prepare, scst, train
 from training.config import option, parse_config
 from training.convert_encoder import ConversionError
 from training.datasets import KINDS, DatasetError
@@ -68,6 +68,9 @@ class RunConfig:
     scst_epochs: int = option(scst.SelfCriticalConfig.epochs, "self-critical epochs at most; 0 skips self-critical training")
     workers: int | None = option(None, "threads decoding images for the features (default: one per CPU)")
     skip_eval: bool = option(False, "stop after training")
+    encoder_precision: str = option("int8", "the OpenVINO encoder the folder serves (EfficientNet-Lite folders; see "
+                                    "training/export_encoder.py); none: converted from Keras when first served",
+                                    choices=["int8", "f16", "none"])
     no_meteor: bool = option(False, "evaluate without METEOR (it needs Java)")
 
 
@@ -100,6 +103,9 @@ def steps(run: RunConfig) -> list[tuple[str, callable, object]]:
         planned.append(("self_critical", scst.self_critical, scst.SelfCriticalConfig(work, out, out, epochs=run.scst_epochs)))
     if not run.skip_eval:
         planned.append(("evaluate", evaluate.evaluate, evaluate.EvaluateConfig(out, work, no_meteor=run.no_meteor)))
+    # The folder's encoder as an OpenVINO model (int8 by default), for the folders that carry their encoder's weights.
+    if run.encoder_precision != "none" and not run.random_encoder and (encoder in convert_encoder.WHEELS or encoder_file):
+        planned.append(("export_encoder", export_encoder.export, export_encoder.ExportConfig(out, work, run.encoder_precision)))
     planned.append(("model_card", model_card.write_model_card, out))
     return planned
 
