@@ -5,6 +5,10 @@
     decoder.weights.h5   the caption model's weights (Keras .weights.h5: arrays only, no code, no pickle)
     encoder.weights.h5   optional: the image encoder's weights, for encoders keras.applications lacks
                          (EfficientNet-Lite, converted by training/convert_encoder.py); checksummed too
+    encoder_head.weights.h5  optional: the encoder's ImageNet classifier and its 1,000 class names (the photo's
+                         objects; training/convert_encoder.py --head-into); checksummed
+    visual.json, visual.weights.h5  optional: the familiarity flag's summary of the training photos and the
+                         classes' caption words (training/visual.py); checksummed
     encoder.xml, encoder.bin  optional: the image encoder as an OpenVINO model (float16 or int8), which serving
                          runs without converting anything or Keras (training/export_encoder.py); checksummed
     metrics.json         optional: test-split scores
@@ -32,11 +36,16 @@ CONFIG_FILE, VOCAB_FILE, WEIGHTS_FILE = "config.json", "vocab.json", "decoder.we
 METRICS_FILE, METRICS_TABLE_FILE, CARD_FILE, HISTORY_FILE = "metrics.json", "metrics.md", "README.md", "history.json"
 CHECKSUMMED_FILES = (VOCAB_FILE, WEIGHTS_FILE)
 ENCODER_WEIGHTS_FILE = "encoder.weights.h5"  # optional; checksummed when present
+HEAD_FILE = "encoder_head.weights.h5"  # optional; checksummed when present
+VISUAL_SETTINGS_FILE, VISUAL_WEIGHTS_FILE = "visual.json", "visual.weights.h5"  # optional, together; checksummed
 ENCODER_IR_FILE, ENCODER_IR_WEIGHTS_FILE = "encoder.xml", "encoder.bin"  # optional, together; checksummed
+# What a folder may hold beside the required files: each is trusted only if config.json lists its checksum.
+OPTIONAL_CHECKSUMMED_FILES = (ENCODER_WEIGHTS_FILE, HEAD_FILE, VISUAL_SETTINGS_FILE, VISUAL_WEIGHTS_FILE)
+OPTIONAL_CHECKSUMMED_FILES += (ENCODER_IR_FILE, ENCODER_IR_WEIGHTS_FILE)
 # Every file a weights folder holds: what training.push uploads and the app downloads from the Hub
 # (never training's work files or caption dumps).
-FOLDER_FILES = [CONFIG_FILE, VOCAB_FILE, WEIGHTS_FILE, ENCODER_WEIGHTS_FILE, METRICS_FILE, METRICS_TABLE_FILE, CARD_FILE,
-                HISTORY_FILE, "*.png"]
+FOLDER_FILES = [CONFIG_FILE, VOCAB_FILE, WEIGHTS_FILE, ENCODER_WEIGHTS_FILE, HEAD_FILE, VISUAL_SETTINGS_FILE,
+                VISUAL_WEIGHTS_FILE, METRICS_FILE, METRICS_TABLE_FILE, CARD_FILE, HISTORY_FILE, "*.png"]
 FOLDER_FILES += [ENCODER_IR_FILE, ENCODER_IR_WEIGHTS_FILE]
 # The repository's own weights/ folder: the bundled model, and where training writes by default.
 # `pip install .` puts a copy inside the package (see pyproject.toml).
@@ -58,6 +67,8 @@ class WeightsFolder:
     source: str  # where it came from, for the user: "bundled weights/", "hub user/repo@sha", a path
     revision: str | None = None
     encoder_file: Path | None = None  # the folder's encoder.weights.h5, checked; None: keras.applications' weights
+    head_file: Path | None = None  # the folder's encoder_head.weights.h5, checked; None: no objects
+    visual_files: tuple[Path, Path] | None = None  # visual.json and visual.weights.h5, checked; None: no flag
     encoder_ir: Path | None = None  # the folder's encoder.xml (with encoder.bin), checked; None: converted from Keras
 
     @property
@@ -80,16 +91,17 @@ def write_config(folder: str | Path, config: ModelConfig, encoder_weights: str =
 
     encoder_file: the encoder's weights file, for encoders keras.applications lacks: copied into the
     folder as encoder.weights.h5 and checksummed. Without it, a leftover encoder.weights.h5 of an
-    earlier run in the same folder is removed (it would belong to another model).
+    earlier run in the same folder is removed (it would belong to another model), as are the optional files
+    (the ImageNet head, the familiarity summary and word map): `add_files` adds them to the new model.
     """
     folder = Path(folder)
     target = folder / ENCODER_WEIGHTS_FILE
-    for name in (ENCODER_IR_FILE, ENCODER_IR_WEIGHTS_FILE):  # another encoder's: training.export_encoder writes them anew
-        (folder / name).unlink(missing_ok=True)
     if encoder_file is None:
         target.unlink(missing_ok=True)
     elif Path(encoder_file).resolve() != target.resolve():
         shutil.copyfile(encoder_file, target)
+    for name in OPTIONAL_CHECKSUMMED_FILES[1:]:
+        (folder / name).unlink(missing_ok=True)
     files = [*CHECKSUMMED_FILES, *([ENCODER_WEIGHTS_FILE] if encoder_file is not None else [])]
     content = {
         "format_version": FORMAT_VERSION,
@@ -100,6 +112,23 @@ def write_config(folder: str | Path, config: ModelConfig, encoder_weights: str =
         **extra,
     }
     path = folder / CONFIG_FILE
+    path.write_text(json.dumps(content, indent=2) + "\n")
+    return path
+
+
+def add_files(folder: str | Path, files: dict[str, str | Path]) -> Path:
+    """Copy optional files into a weights folder ({name in the folder: source}) and list their checksums in its
+    config.json, every other file and setting as it was: how the ImageNet head and the familiarity files join a
+    trained folder (the bundled one included). -> the config's path."""
+    folder = Path(folder)
+    path = folder / CONFIG_FILE
+    content = json.loads(path.read_text())
+    for name, source in files.items():
+        if name not in OPTIONAL_CHECKSUMMED_FILES:
+            raise ValueError(f"{name} is not one of a weights folder's optional files ({', '.join(OPTIONAL_CHECKSUMMED_FILES)})")
+        if Path(source).resolve() != (folder / name).resolve():
+            shutil.copyfile(source, folder / name)
+        content["files"][name] = sha256(folder / name)
     path.write_text(json.dumps(content, indent=2) + "\n")
     return path
 
@@ -121,18 +150,15 @@ def read_folder(folder: str | Path, source: str | None = None, revision: str | N
         raise WeightsError(f"{config_path} is not a valid captioner config ({exc}).") from None
     if content.get("format_version", 1) > FORMAT_VERSION:
         raise WeightsError(f"{folder} was written by a newer version of this project; please update it.")
-    encoder_file = folder / ENCODER_WEIGHTS_FILE
-    if encoder_file.is_file() and ENCODER_WEIGHTS_FILE not in checksums:
-        raise WeightsError(f"{encoder_file} is not listed in {CONFIG_FILE}'s checksums, so it can't be trusted; "
-                           "copy or download the weights folder again.")
-    for name in (ENCODER_IR_FILE, ENCODER_IR_WEIGHTS_FILE):
+    for name in OPTIONAL_CHECKSUMMED_FILES:
         if (folder / name).is_file() and name not in checksums:
             raise WeightsError(f"{folder / name} is not listed in {CONFIG_FILE}'s checksums, so it can't be trusted; "
                                "copy or download the weights folder again.")
     if (ENCODER_IR_FILE in checksums) != (ENCODER_IR_WEIGHTS_FILE in checksums):
         raise WeightsError(f"{folder} is incomplete: {ENCODER_IR_FILE} and {ENCODER_IR_WEIGHTS_FILE} go together.")
-    optional = [name for name in (ENCODER_WEIGHTS_FILE, ENCODER_IR_FILE, ENCODER_IR_WEIGHTS_FILE) if name in checksums]
-    for name in [*CHECKSUMMED_FILES, *optional]:
+    if (VISUAL_SETTINGS_FILE in checksums) != (VISUAL_WEIGHTS_FILE in checksums):
+        raise WeightsError(f"{folder} is incomplete: {VISUAL_SETTINGS_FILE} and {VISUAL_WEIGHTS_FILE} go together.")
+    for name in [*CHECKSUMMED_FILES, *(name for name in OPTIONAL_CHECKSUMMED_FILES if name in checksums)]:
         path = folder / name
         if not path.is_file():
             raise WeightsError(f"{folder} is incomplete: {name} is missing.")
@@ -141,9 +167,11 @@ def read_folder(folder: str | Path, source: str | None = None, revision: str | N
                 f"{path} does not match the checksum in {CONFIG_FILE}: the file is damaged, incomplete or was "
                 "changed after training. Download or copy the weights folder again."
             )
+    listed = lambda name: folder / name if name in checksums else None  # noqa: E731
     return WeightsFolder(folder, config, content.get("encoder_weights", "imagenet"), source or str(folder), revision,
-                         encoder_file if ENCODER_WEIGHTS_FILE in checksums else None,
-                         encoder_ir=folder / ENCODER_IR_FILE if ENCODER_IR_FILE in checksums else None)
+                         listed(ENCODER_WEIGHTS_FILE), listed(HEAD_FILE),
+                         (folder / VISUAL_SETTINGS_FILE, folder / VISUAL_WEIGHTS_FILE) if listed(VISUAL_WEIGHTS_FILE) else None,
+                         encoder_ir=listed(ENCODER_IR_FILE))
 
 
 def load_vocabulary(folder: WeightsFolder) -> Vocabulary:
