@@ -6,18 +6,23 @@
 Medians of repeated runs after warm-up, on the same images; comparisons are measured in the same run,
 interleaved where they share a line, so background load hits both sides alike:
 
-  encoder      encode_pixels() on prepared pixels, ms per image at batch 1 and 8: TensorFlow, then OpenVINO
+  encoder      encode_pixels() on prepared pixels, ms per image at batch 1 and 8: TensorFlow, OpenVINO float32
+               (the Keras encoder converted at load: the code before issue 19), and the weights folder's own
+               OpenVINO model (encoder.xml: int8 for the bundled folder), interleaved
   decoding     caption_features() from one image's features, ms per caption: greedy, beam 3, 5, 10
   caption()    an image file to its caption (greedy; beam 5 with the recommended length penalty), p50 and
-               p95, next to encode() of the same file
+               p95, next to encode() of the same file; with the folder's encoder and with float32 ("before")
   batch        the batch command's pipeline (captioner.batch.run_local: decode workers, encoder, decoder)
                over --collection's JPEG files, images/s once running (over the second half of its batches),
-               next to the encoder alone on the same images' already decoded pixels
+               next to the encoder alone on the same images' already decoded pixels; likewise both encoders
   ray          the same job on a local Ray (captioner.batch.run_ray): images/s once running (likewise), the
                whole job's wall time (Ray's start and the actors' model loading included), same records or not
   cold start   a new process, timed from outside: interpreter, import, load, first caption; with the
-               OpenVINO cache filled (as after the first run), empty, and on TensorFlow; and the largest
-               peak memory (RSS) of those processes
+               OpenVINO cache filled (as after the first run), empty (TensorFlow and Keras made unimportable:
+               the folder's encoder.xml), empty without the folder's encoder.xml (converted from Keras, as
+               before), and on TensorFlow; and the largest peak memory (RSS) of those processes
+  install      with --install-size: `pip install -r requirements.txt` into a fresh venv (no pip cache), its
+               size and time (minutes; needs PyPI)
 """
 
 from __future__ import annotations
@@ -81,6 +86,8 @@ def measure_encoders(cap, pixels: np.ndarray, repeats: int) -> dict:
     from captioner.encoder import ImageEncoder
 
     encoders = {name: ImageEncoder(cap.config.encoder, cap.encoder_weights, backend=name) for name in ("tensorflow", "openvino")}
+    if cap.weights is not None and cap.weights.encoder_ir is not None:
+        encoders["folder"] = cap.encoder  # the folder's own OpenVINO model: what serving runs
     batch = np.resize(pixels, (8, *pixels.shape[1:]))
     samples = {(name, size): [] for name in encoders for size in (1, 8)}
     for encoder in encoders.values():
@@ -107,9 +114,27 @@ def measure_decoding(cap, features: np.ndarray, repeats: int) -> dict:
     return {f"{name}_ms": ms(values) for name, values in samples.items()}
 
 
-def measure_caption(cap, images: list[Path], repeats: int) -> dict:
+def float32_twin(cap):
+    """The same captioner with the float32 encoder converted from Keras at load time (before issue 19), or None
+    when the folder has no encoder.xml (then cap itself is that)."""
+    import copy
+
+    from captioner.encoder import ImageEncoder
+
+    if cap.weights is None or cap.weights.encoder_ir is None:
+        return None
+    twin = copy.copy(cap)
+    twin.__dict__["encoder"] = ImageEncoder(cap.config.encoder, cap.encoder_weights, backend="openvino")
+    return twin
+
+
+def measure_caption(cap, images: list[Path], repeats: int, before=None) -> dict:
     runs = {"encode": lambda image: cap.encode([image]), "greedy": lambda image: cap.caption(image, method="greedy"),
             "beam5": lambda image: cap.caption(image)}
+    if before is not None:  # interleaved with the same calls on the float32 encoder
+        runs.update({"before_encode": lambda image: before.encode([image]),
+                     "before_greedy": lambda image: before.caption(image, method="greedy"),
+                     "before_beam5": lambda image: before.caption(image)})
     samples = {name: [] for name in runs}
     for run in runs.values():
         run(images[0])
@@ -121,10 +146,12 @@ def measure_caption(cap, images: list[Path], repeats: int) -> dict:
     result.update({f"{name}_p95_ms": p95_ms(values) for name, values in samples.items()})
     for name in ("greedy", "beam5"):
         result[f"{name}_vs_encode"] = round(result[f"{name}_p50_ms"] / result["encode_p50_ms"], 3)
+        if before is not None:
+            result[f"{name}_vs_before"] = round(result[f"{name}_p50_ms"] / result[f"before_{name}_p50_ms"], 3)
     return result
 
 
-def measure_batch(cap, weights: Path, paths: list[str], skip_ray: bool) -> dict:
+def measure_batch(cap, weights: Path, paths: list[str], skip_ray: bool, before=None) -> dict:
     from captioner import batch
     from captioner.encoder import BATCH_SIZE
     from captioner.image import prepare_pixels
@@ -138,6 +165,9 @@ def measure_batch(cap, weights: Path, paths: list[str], skip_ray: bool) -> dict:
     result = {"images": len(paths), "encoder_alone_images_per_s": round(len(paths) / encoder_s, 2)}
     with tempfile.TemporaryDirectory(prefix="speed_batch_") as folder:
         runs = {"batch": lambda output, clock: batch.run_local(cap, paths, output, options, progress=clock)}
+        if before is not None:
+            before.encoder.encode_pixels(pixels[:BATCH_SIZE])
+            runs["before_batch"] = lambda output, clock: batch.run_local(before, paths, output, options, progress=clock)
         if not skip_ray:
             runs["ray"] = lambda output, clock: batch.run_ray(None, str(weights), None, paths, output, options, progress=clock)
         records = {}
@@ -150,6 +180,8 @@ def measure_batch(cap, weights: Path, paths: list[str], skip_ray: bool) -> dict:
             result[f"{name}_images_per_s"] = round(rate, 2) if rate else None
             result[f"{name}_wall_s"] = round(wall, 2)
     result["batch_vs_encoder"] = round(result["batch_images_per_s"] / result["encoder_alone_images_per_s"], 3)
+    if before is not None:
+        result["batch_vs_before"] = round(result["batch_images_per_s"] / result["before_batch_images_per_s"], 3)
     if not skip_ray:
         result["ray_vs_batch"] = round(result["ray_images_per_s"] / result["batch_images_per_s"], 3)
         result["ray_same_records"] = records["ray"] == records["batch"]
@@ -158,16 +190,38 @@ def measure_batch(cap, weights: Path, paths: list[str], skip_ray: bool) -> dict:
 
 def measure_cold_start(weights: Path, image: Path) -> dict:
     """Wall clock of new processes from start to exit after their first caption."""
+    from captioner.weights import read_folder
+
     result = {}
-    with tempfile.TemporaryDirectory(prefix="speed_cache_") as empty_cache:
-        variants = {"openvino_cached": {}, "openvino_empty_cache": {"CAPTIONER_CACHE": empty_cache},
-                    "tensorflow": {"CAPTIONER_BACKEND": "tensorflow"}}
-        for name, env in variants.items():
-            command = [sys.executable, "-c", COLD_START, str(weights), str(image)]
+    with tempfile.TemporaryDirectory(prefix="speed_cache_") as scratch:
+        scratch = Path(scratch)
+        (scratch / "blocker").mkdir()  # its sitecustomize makes TensorFlow and Keras unimportable, as if not installed
+        (scratch / "blocker" / "sitecustomize.py").write_text('import sys\nsys.modules["tensorflow"] = sys.modules["keras"] = None\n')
+        no_tf = {"PYTHONPATH": os.pathsep.join([str(scratch / "blocker"), str(ROOT)])}
+        variants = {"openvino_cached": (weights, {}),
+                    "openvino_empty_cache": (weights, {"CAPTIONER_CACHE": str(scratch / "c1"), **no_tf}),
+                    "tensorflow": (weights, {"CAPTIONER_BACKEND": "tensorflow"})}
+        if read_folder(weights).encoder_ir is not None:  # before: the same folder without it, converted from Keras
+            from training.export_encoder import without_openvino_model
+
+            variants["converted_empty_cache"] = (without_openvino_model(weights, scratch / "w"), {"CAPTIONER_CACHE": str(scratch / "c2")})
+        for name, (folder, env) in variants.items():
+            command = [sys.executable, "-c", COLD_START, str(folder), str(image)]
             result[f"{name}_s"] = round(seconds(subprocess.run, command, cwd=ROOT, env={**os.environ, **env}, check=True,
                                                 capture_output=True, timeout=600), 2)
     result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1)  # KB on Linux
     return result
+
+
+def measure_install() -> dict:
+    """`pip install -r requirements.txt` into a fresh venv, without pip's cache (downloads included)."""
+    with tempfile.TemporaryDirectory(prefix="speed_venv_") as folder:
+        subprocess.run([sys.executable, "-m", "venv", folder], check=True)
+        wall = seconds(subprocess.run, [f"{folder}/bin/pip", "install", "--quiet", "--no-cache-dir", "--disable-pip-version-check",
+                                        "-r", str(ROOT / "requirements.txt")], check=True, timeout=3600)
+        size = sum(p.lstat().st_size for p in Path(folder).rglob("*") if p.is_file() and not p.is_symlink())
+        has_tf = any(Path(folder).glob("lib/python*/site-packages/tensorflow"))
+    return {"seconds": round(wall, 1), "size_mb": round(size / 2**20), "tensorflow_installed": has_tf}
 
 
 def table(results: dict) -> str:
@@ -183,12 +237,23 @@ def table(results: dict) -> str:
            f"{c[f'{key}_vs_encode']:.2f}x encode()") for label, key in (("greedy", "greedy"), ("beam 5", "beam5"))),
         ("encode() alone of the same file, p50 (p95) ms", f"{c['encode_p50_ms']:.1f} ({c['encode_p95_ms']:.1f})", ""),
     ]
+    if "folder_batch1_ms" in e:
+        rows[2:2] = [(f"encoder, batch {n} (ms/image): OpenVINO float32 / the folder's encoder.xml",
+                      f"{e[f'openvino_batch{n}_ms']:.2f} / {e[f'folder_batch{n}_ms']:.2f}",
+                      f"{e[f'openvino_batch{n}_ms'] / e[f'folder_batch{n}_ms']:.2f}x faster") for n in (1, 8)]
+    if "before_beam5_p50_ms" in c:
+        rows += [(f"before (float32 encoder): caption() {label}, p50 (p95) ms",
+                  f"{c[f'before_{key}_p50_ms']:.1f} ({c[f'before_{key}_p95_ms']:.1f})",
+                  f"now {c[f'{key}_vs_before']:.2f}x") for label, key in (("greedy", "greedy"), ("beam 5", "beam5"))]
     if b:
         rows += [
             (f"batch command, {b['images']} JPEG files (images/s)", f"{b['batch_images_per_s']:.1f}",
              f"{b['batch_vs_encoder']:.2f}x the encoder alone"),
             ("encoder alone on their decoded pixels (images/s)", f"{b['encoder_alone_images_per_s']:.1f}", ""),
         ]
+        if "before_batch_images_per_s" in b:
+            rows.append(("before (float32 encoder): batch command (images/s)", f"{b['before_batch_images_per_s']:.1f}",
+                         f"now {b['batch_vs_before']:.2f}x"))
         if "ray_images_per_s" in b:
             rows.append(("Ray Data, local (images/s; whole job s)", f"{b['ray_images_per_s']:.1f}; {b['ray_wall_s']:.0f} s",
                          f"{b['ray_vs_batch']:.2f}x the batch command; same records: {'yes' if b['ray_same_records'] else 'NO'}"))
@@ -199,6 +264,13 @@ def table(results: dict) -> str:
              "a new process, wall clock"),
             ("peak memory of those processes (MB)", f"{s['peak_rss_mb']:.0f}", ""),
         ]
+        if "converted_empty_cache_s" in s:
+            rows[-2] = (rows[-2][0].replace("empty cache", "empty cache (no TensorFlow)"), rows[-2][1],
+                        f"before (converted from Keras, empty cache): {s['converted_empty_cache_s']:.1f} s")
+    i = results.get("install") or {}
+    if i:
+        rows.append(("pip install -r requirements.txt, fresh venv (MB; s, no pip cache)", f"{i['size_mb']}; {i['seconds']:.0f} s",
+                     f"TensorFlow installed: {'yes' if i['tensorflow_installed'] else 'no'}"))
     width = [max(len(row[i]) for row in rows) for i in range(3)]
     line = lambda cells: "| " + " | ".join(f"{cell:<{w}}" for cell, w in zip(cells, width)) + " |"  # noqa: E731
     return "\n".join([line(("", "measured", "compared")), line(["-" * w for w in width]), *map(line, rows)])
@@ -218,6 +290,7 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-batch", action="store_true", help="no batch command or Ray figures")
     parser.add_argument("--skip-ray", action="store_true", help="no Ray figures")
     parser.add_argument("--skip-cold-start", action="store_true", help="no new processes")
+    parser.add_argument("--install-size", action="store_true", help="also time a fresh venv's install (minutes; PyPI)")
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "speed.json",
                         help="where to write the figures (default: benchmarks/results/speed.json)")
     args = parser.parse_args(argv)
@@ -241,15 +314,19 @@ def main(argv=None) -> int:
     print("decoding ...", file=sys.stderr)
     results["decoding"] = measure_decoding(cap, cap.encode(images), args.repeats)
     print("caption() ...", file=sys.stderr)
-    results["caption"] = measure_caption(cap, images, args.repeats)
+    before = float32_twin(cap)
+    results["caption"] = measure_caption(cap, images, args.repeats, before)
     if not args.skip_batch:
         collection = list_images([str(args.collection)])
         paths = [collection[i % len(collection)] for i in range(args.collection_size)]
         print(f"batch command{'' if args.skip_ray else ' and Ray'} on {len(paths)} files ...", file=sys.stderr)
-        results["batch"] = measure_batch(cap, args.weights, paths, args.skip_ray)
+        results["batch"] = measure_batch(cap, args.weights, paths, args.skip_ray, before)
     if not args.skip_cold_start:
         print("cold starts ...", file=sys.stderr)
         results["cold_start"] = measure_cold_start(args.weights, images[0])
+    if args.install_size:
+        print("a fresh install ...", file=sys.stderr)
+        results["install"] = measure_install()
     results["meta"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     print(table(results))
     args.json.parent.mkdir(parents=True, exist_ok=True)
