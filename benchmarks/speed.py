@@ -198,10 +198,11 @@ def measure_cold_start(weights: Path, image: Path) -> dict:
         (scratch / "blocker").mkdir()  # its sitecustomize makes TensorFlow and Keras unimportable, as if not installed
         (scratch / "blocker" / "sitecustomize.py").write_text('import sys\nsys.modules["tensorflow"] = sys.modules["keras"] = None\n')
         no_tf = {"PYTHONPATH": os.pathsep.join([str(scratch / "blocker"), str(ROOT)])}
+        has_ir = read_folder(weights).encoder_ir is not None  # (without it, the first start needs Keras to convert)
         variants = {"openvino_cached": (weights, {}),
-                    "openvino_empty_cache": (weights, {"CAPTIONER_CACHE": str(scratch / "c1"), **no_tf}),
+                    "openvino_empty_cache": (weights, {"CAPTIONER_CACHE": str(scratch / "c1"), **(no_tf if has_ir else {})}),
                     "tensorflow": (weights, {"CAPTIONER_BACKEND": "tensorflow"})}
-        if read_folder(weights).encoder_ir is not None:  # before: the same folder without it, converted from Keras
+        if has_ir:  # before: the same folder without it, converted from Keras
             from training.export_encoder import without_openvino_model
 
             variants["converted_empty_cache"] = (without_openvino_model(weights, scratch / "w"), {"CAPTIONER_CACHE": str(scratch / "c2")})
