@@ -70,6 +70,7 @@ THEME = gr.themes.Soft(
 )
 CSS = """
 #caption textarea { font-size: 1.6rem; line-height: 1.35; font-weight: 600; }
+#seen { font-size: 1rem; }
 #model-notice { border-left: 4px solid #d97706; padding: 0.5rem 1rem; background: rgba(217, 119, 6, 0.08); }
 #facts { font-size: 0.9rem; opacity: 0.85; }
 #words .textfield { font-size: 1.25rem; line-height: 2.2; }
@@ -157,13 +158,18 @@ def decoding_settings(default_max_length: int) -> dict:
             NGRAM_CHOICES, value=DEFAULTS.no_repeat_ngram_size, label="Never repeat a phrase of",
             info="No run of this many words appears twice in a caption (\u201ca dog \u2026 a dog\u201d).",
         )
+    name_objects = gr.Checkbox(
+        DEFAULTS.name_objects, label="Name what the image classifier is sure of",
+        info="The caption must include a word for the objects the encoder's ImageNet classifier is sure of "
+             "(a cat, a pizza), where the language model puts it best. Greedy and beam search only.",
+    )
     method.change(
         settings_shown_for, method, [beam_width, length_penalty, sampling], api_visibility="private", queue=False,
         preprocess=False,
     )
     return {"method": method, "beam_width": beam_width, "max_length": max_length, "length_penalty": length_penalty,
             "prefix": prefix, "no_repeat_ngram_size": no_repeat_ngram_size, "temperature": temperature, "top_p": top_p,
-            "seed": seed}
+            "seed": seed, "name_objects": name_objects}
 
 
 def build_demo(captioner: Captioner | None, unavailable_reason: str | None = None) -> gr.Blocks:
@@ -217,6 +223,10 @@ def one_photo_tab(page: CaptionPage, default_max_length: int) -> None:
                 label="Caption", elem_id="caption", lines=2, interactive=False, buttons=["copy"],
                 placeholder="The caption appears here.",
             )
+            # What the encoder's ImageNet classifier sees, or the sentence that flags an unfamiliar photo.
+            seen = gr.Markdown("", elem_id="seen")
+            # The same as data, for API clients (objects, familiar, familiarity); the page shows the sentence.
+            seen_data = gr.JSON(None, visible=False, label="what the encoder sees")
             words = gr.HighlightedText(
                 label="Word by word: the darker, the surer the model was. Click a word to see where it looked.",
                 elem_id="words", show_legend=False, show_inline_category=False, interactive=False,
@@ -239,8 +249,8 @@ def one_photo_tab(page: CaptionPage, default_max_length: int) -> None:
             explained = gr.State(None)  # the last explanation (ExplainedPhoto), for clicks on its words
             word = gr.Number(None, visible=False, label="word")  # the API's choice of heatmap; the page's: none
 
-    view = [caption, words, heatmap, heat_note, candidates, facts, explained]
-    cleared = ("", [], None, "", [], page.facts, None)
+    view = [caption, words, heatmap, heat_note, candidates, facts, seen, seen_data, explained]
+    cleared = ("", [], None, "", [], page.facts, "", None, None)
     # No spinner or error badge on the one-line facts: it would cover the text.
     shown = button.click(
         page.explain, inputs(page.explain, image=image, word=word, **settings), view, api_name="explain",
@@ -252,7 +262,7 @@ def one_photo_tab(page: CaptionPage, default_max_length: int) -> None:
     words.select(page.show_word, explained, [heatmap, heat_note], api_visibility="private", show_progress="hidden")
     # /caption, for API clients: the caption and candidates without the explanation. Not on the page.
     api_only = gr.Button(visible=False)
-    api_only.click(page.caption, inputs(page.caption, image=image, **settings), [caption, candidates, facts],
+    api_only.click(page.caption, inputs(page.caption, image=image, **settings), [caption, candidates, facts, seen_data],
                    api_name="caption", preprocess=False)
 
     if page.examples:
@@ -287,7 +297,7 @@ def many_photos_tab(page: CaptionPage, default_max_length: int) -> None:
             )
             table = gr.Dataframe(
                 headers=BATCH_HEADERS, label="Every file, with its caption or why it has none",
-                elem_id="batch-table", interactive=False, wrap=True, column_widths=["24%", "46%", "30%"],
+                elem_id="batch-table", interactive=False, wrap=True, column_widths=["18%", "34%", "22%", "26%"],
             )
             downloads = gr.File(
                 label="Download the captions", elem_id="batch-downloads", interactive=False, file_count="multiple",

@@ -50,7 +50,9 @@ BATCHES_AHEAD = 2
 DECODE_DEADLINE_S = 30.0
 LIST_SUFFIX = ".txt"  # a SRC with this suffix is a file of paths, not an image
 FORMATS = (".jsonl", ".csv", ".parquet")
-COLUMNS = ("image", "caption", "log_prob", "error", "candidates")  # CSV and Parquet; JSON Lines as `captioner --json`
+# CSV and Parquet; JSON Lines as `captioner --json`. objects: the encoder's likeliest ImageNet classes (a JSON list in
+# CSV); familiar: whether the photo is like the training photos (empty where the weights folder can't tell).
+COLUMNS = ("image", "caption", "log_prob", "error", "candidates", "objects", "familiar", "familiarity")
 # Batches an actor works on at once, in threads: one is read by its decode workers while the other is
 # encoded and decoded (both release the GIL), the pipeline of the plain command inside each actor.
 ACTOR_BATCHES_AT_ONCE = 2
@@ -108,7 +110,9 @@ def _paths_in_list(list_file: Path) -> list[str]:
 def caption_record(image: str, caption) -> dict:
     """The record of a captioned image: the same object `captioner --json` prints."""
     candidates = [{"caption": text, "log_prob": round(float(lp), 4)} for text, lp in caption.candidates]
-    return {"image": image, "caption": caption.text, "candidates": candidates}
+    objects = [{"name": name, "probability": probability} for name, probability in caption.objects]
+    return {"image": image, "caption": caption.text, "candidates": candidates, "objects": objects,
+            "familiar": caption.familiar, "familiarity": caption.familiarity}
 
 
 def error_record(image: str, message: str) -> dict:
@@ -182,7 +186,11 @@ class CsvOutput:
         for r in records:
             best = r["candidates"][0]["log_prob"] if r.get("candidates") else ""
             candidates = json.dumps(r["candidates"], ensure_ascii=False) if "candidates" in r else ""
-            self._writer.writerow([r["image"], r.get("caption", ""), best, r.get("error", ""), candidates])
+            objects = json.dumps(r["objects"], ensure_ascii=False) if "objects" in r else ""
+            familiar = "" if r.get("familiar") is None else str(r["familiar"]).lower()
+            familiarity = "" if r.get("familiarity") is None else r["familiarity"]
+            self._writer.writerow([r["image"], r.get("caption", ""), best, r.get("error", ""), candidates, objects,
+                                   familiar, familiarity])
         self._file.flush()
 
     def close(self) -> None:
@@ -230,12 +238,15 @@ class ParquetOutput:
         schema = pa.schema([
             ("image", pa.string()), ("caption", pa.string()), ("log_prob", pa.float64()), ("error", pa.string()),
             ("candidates", pa.list_(pa.struct([("caption", pa.string()), ("log_prob", pa.float64())]))),
+            ("objects", pa.list_(pa.struct([("name", pa.string()), ("probability", pa.float64())]))),
+            ("familiar", pa.bool_()), ("familiarity", pa.float64()),
         ])
         tables = [pq.read_table(self.path).cast(schema)] if self.path.exists() else []
         held = set(tables[0].column("image").to_pylist()) if tables else set()
         rows = [{"image": r["image"], "caption": r.get("caption"), "error": r.get("error"),
                  "log_prob": r["candidates"][0]["log_prob"] if r.get("candidates") else None,
-                 "candidates": r.get("candidates", [])}
+                 "candidates": r.get("candidates", []), "objects": r.get("objects", []), "familiar": r.get("familiar"),
+                 "familiarity": r.get("familiarity")}
                 for r in journal if r["image"] not in held]  # a journal left by a run killed after its last write
         tables.append(pa.Table.from_pylist(rows, schema=schema))
         staging = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")

@@ -26,6 +26,7 @@ DECODING_FLAGS = {  # DecodingOptions field -> its flag (the field's default is 
     "temperature": "--temperature",
     "top_p": "--top-p",
     "seed": "--seed",
+    "name_objects": "--name-objects",
 }
 
 
@@ -58,6 +59,9 @@ def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--top-p", type=float,
                        help=f"sampling: draw among the likeliest words holding this much probability (default: {defaults.top_p:g})")
     group.add_argument("--seed", type=int, help="sampling: the same seed gives an image the same caption (default: a new draw each time)")
+    group.add_argument("--name-objects", action=argparse.BooleanOptionalAction,
+                       help="the caption names the objects the encoder's ImageNet classifier is sure of "
+                            f"(default: {'on' if defaults.name_objects else 'off'})")
 
 
 def decoding_options(args: argparse.Namespace):
@@ -80,6 +84,8 @@ def main(argv=None) -> int:
     check_model_arguments(parser, args)
 
     from . import Captioner, InvalidImageError, WeightsError
+    from .batch import caption_record
+    from .visual import unfamiliar_note
     from .decoding import limit_blas_threads
     from .explain import explanation_folder, save_overlays
 
@@ -103,12 +109,15 @@ def main(argv=None) -> int:
             continue
         folder = save_overlays(explanation, explanation_folder(args.explain, path, written)) if explanation else None
         if args.json:
-            candidates = [{"caption": text, "log_prob": round(lp, 4)} for text, lp in caption.candidates]
-            line = {"image": path, "caption": caption.text, "candidates": candidates}
+            line = caption_record(path, caption)
             if folder:
                 line["explanation"] = str(folder)
                 line["words"] = [{"word": w.word, "probability": round(w.probability, 4)} for w in explanation.words]
             print(json.dumps(line))
         else:
             print(f"{path}: {caption.text}" + (f"  (heatmaps in {folder})" if folder else ""))
+            if caption.objects:
+                print("  the classifier sees: " + ", ".join(f"{name} {probability:.0%}" for name, probability in caption.objects))
+            if caption.familiar is False:
+                print("  " + unfamiliar_note(caption.objects))
     return 1 if failures else 0

@@ -12,13 +12,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .decoding import Caption, DecodingOptions, DecodingTask
+from .decoding import Caption, DecodingOptions, DecodingTask, Naming, mean_token_log_prob
 from .encoder import BATCH_SIZE as ENCODER_BATCH_SIZE
 from .encoder import ENCODERS, ImageEncoder
 from .explain import OVERLAY_MAX_SIDE, Explanation, caption_ids, explain_caption
 from .image import display_copy, load_image, prepare_pixels, resize_for_encoder
 from .lazy import keras
 from .model import ModelConfig, StepModel, build_caption_model
+from .visual import Familiarity, ImageNetHead, read_familiarity_and_words
 from .vocabulary import Vocabulary
 from .weights import BUNDLED_WEIGHTS, WeightsError, WeightsFolder, download_from_hub, load_vocabulary, read_decoder_weights, read_folder
 
@@ -86,6 +87,33 @@ class Captioner:
         encoder_weights = None if folder.encoder_weights == "random" else folder.encoder_file or "imagenet"
         return cls(read_decoder_weights(folder), vocab, config, encoder_weights, folder)
 
+    # ---- what the encoder sees: the folder's optional files (weights.py), read on first use -----------
+
+    @cached_property
+    def head(self) -> ImageNetHead | None:
+        """The encoder's ImageNet classifier: each caption's objects. None: the folder has none."""
+        return ImageNetHead.read(self.weights.head_file) if self.weights and self.weights.head_file else None
+
+    @cached_property
+    def _visual(self):
+        if self.weights is None or self.weights.visual_files is None:
+            return None, None
+        return read_familiarity_and_words(*self.weights.visual_files, self.vocab.itos)
+
+    @property
+    def familiarity(self) -> Familiarity | None:
+        """The familiarity flag's summary of the training photos and threshold. None: the folder has none."""
+        return self._visual[0]
+
+    @cached_property
+    def naming(self) -> Naming | None:
+        """What DecodingOptions.name_objects needs: the classes' caption words, the vocabulary and network grown by
+        the new ones. None: the folder has no word map (or no classifier to read the objects with)."""
+        visual_words = self._visual[1]
+        if visual_words is None or self.head is None:
+            return None
+        return Naming.grown(self.step_model, self.vocab, visual_words)
+
     @cached_property
     def encoder(self) -> ImageEncoder:
         """The image encoder, built on first use: captioning cached features never loads it."""
@@ -136,7 +164,25 @@ class Captioner:
         return self._captions(self.decoding_task(options, **overrides), features)
 
     def _captions(self, task: DecodingTask, features: np.ndarray) -> list[Caption]:
-        return [Caption.from_hypotheses(self.vocab, hypotheses) for hypotheses in task.run(features)]
+        probabilities = self._class_probabilities(features)
+        found = task.run(features, class_probabilities=probabilities)
+        described = self._described(features, probabilities, [mean_token_log_prob(h[0]) for h in found])
+        return [Caption.from_hypotheses(task.words, hypotheses, **extra) for hypotheses, extra in zip(found, described)]
+
+    def _class_probabilities(self, features: np.ndarray) -> np.ndarray | None:
+        return self.head.probabilities(features) if self.head is not None and len(features) else None
+
+    def _described(self, features: np.ndarray, probabilities: np.ndarray | None, mean_log_probs: list[float]) -> list[dict]:
+        """Each image's objects and familiarity (Caption's fields), from its features and its caption's sureness."""
+        described = [{} for _ in range(len(features))]
+        if probabilities is not None:
+            for extra, row in zip(described, probabilities):
+                extra["objects"] = self.head.objects(row)
+        if self.familiarity is not None and probabilities is not None:
+            confidences = self._visual[1].confidence(probabilities)
+            for extra, score in zip(described, self.familiarity.scores(features, np.array(mean_log_probs), confidences)):
+                extra.update(familiar=bool(score >= self.familiarity.threshold), familiarity=round(float(score), 3))
+        return described
 
     def explain(self, image, caption: str | None = None, options: DecodingOptions | None = None, **overrides) -> Explanation:
         """Each word of the caption with its probability and where in the image it came from (closed-form Grad-CAM).
@@ -163,15 +209,22 @@ class Captioner:
     def _explain(self, task: DecodingTask, pixels: np.ndarray, photo: Image.Image, given: list[int] | None) -> Explanation:
         """One encoder pass gives both the pooled features (for the caption) and the feature map (for the heatmaps)."""
         features, maps = self.encode_pixels(np.asarray(pixels)[None], feature_maps=True)
-        hypotheses = task.run(features)[0] if given is None else None
-        return explain_caption(self.step_model, self.vocab, features[0], maps[0], display_copy(photo, OVERLAY_MAX_SIDE),
-                               hypotheses, given)
+        probabilities = self._class_probabilities(features)
+        hypotheses = task.run(features, class_probabilities=probabilities)[0] if given is None else None
+        model = task.naming.model if task.naming else self.step_model  # (a caption may hold a word the folder added)
+        explanation = explain_caption(model, task.words, features[0], maps[0], display_copy(photo, OVERLAY_MAX_SIDE),
+                                      hypotheses, given)
+        # The caption's sureness as captioning measures it (a given caption's: read as one that ended).
+        sureness = mean_token_log_prob(hypotheses[0]) if hypotheses else explanation.log_prob / (len(explanation.words) + 1)
+        (extra,) = self._described(features, probabilities, [sureness])
+        return dataclasses.replace(explanation, caption=dataclasses.replace(explanation.caption, **extra))
 
     def decoding_task(self, options: DecodingOptions | None = None, **overrides) -> DecodingTask:
         """`options` (default: the recommended decoding) with `overrides`, resolved for this model; a prompt with
         words the model doesn't know is refused here, by name."""
         options = dataclasses.replace(options or DecodingOptions(), **overrides)
-        return DecodingTask(self.step_model, self.vocab, options, self.config.max_new_tokens)
+        return DecodingTask(self.step_model, self.vocab, options, self.config.max_new_tokens,
+                            self.naming if options.name_objects else None)
 
     def decoding_options(self, options: DecodingOptions | None = None, **overrides) -> DecodingOptions:
         """`options` with `overrides`, checked against this model's vocabulary (see decoding_task)."""

@@ -18,6 +18,7 @@ training.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
@@ -135,9 +136,9 @@ class StepModel:
         weights = lambda name: [np.asarray(w, dtype=np.float32) for w in layer_weights(name)]
         self.image_kernel, self.image_bias = weights("image_dense")
         (embeddings,) = weights("word_embedding")
-        kernel, self.recurrent_kernel, lstm_bias = weights("text_lstm")  # Keras' gate order: input, forget, cell, output
+        self.input_kernel, self.recurrent_kernel, self.lstm_bias = weights("text_lstm")  # Keras' gate order: input, forget, cell, output
         # Each token's input projection, precomputed: one row lookup instead of a matmul per step.
-        self.token_gates = embeddings @ kernel + lstm_bias
+        self.token_gates = embeddings @ self.input_kernel + self.lstm_bias
         self.decoder_kernel, self.decoder_bias = weights("decoder_dense")
         self.output_kernel, self.output_bias = weights("next_word")
         self.units = units = self.recurrent_kernel.shape[0]
@@ -147,13 +148,33 @@ class StepModel:
         # kernel is stored gate by gate, (4, units, units): one np.matmul gives the four gates as (n, units)
         # arrays, bit for bit the product by the whole (units, 4 * units) matrix, and faster for a few rows
         # (python -m benchmarks.decoding).
+        self._step_token_gates = self._step_gates(self.token_gates)
+        self._step_recurrent_kernel = column_blocks(self._step_gates(self.recurrent_kernel), units)
+        self._output_blocks()
+
+    def _step_gates(self, gates: np.ndarray) -> np.ndarray:
+        """(rows, 4 units) in Keras' gate order -> as `_lstm` multiplies by them (see __init__)."""
+        units = self.units
         order = np.r_[0 : 2 * units, 3 * units : 4 * units, 2 * units : 3 * units]
         scale = np.repeat(np.array([0.5, 0.5, 0.5, 1.0], np.float32), units)
-        self._step_token_gates = np.ascontiguousarray(self.token_gates[:, order] * scale)
-        self._step_recurrent_kernel = column_blocks(self.recurrent_kernel[:, order] * scale, units)
-        # The output layer also in blocks of columns, for `_logits`.
+        return np.ascontiguousarray(gates[:, order] * scale)
+
+    def _output_blocks(self) -> None:
+        """The output layer also in blocks of columns, for `_logits`."""
         self._output_kernel_blocks = column_blocks(self.output_kernel, OUTPUT_BLOCK_COLUMNS)
         self._output_bias_blocks = column_blocks(self.output_bias[None], OUTPUT_BLOCK_COLUMNS)[:, 0]
+
+    def with_new_words(self, embeddings: np.ndarray, output_kernel: np.ndarray, output_bias: np.ndarray) -> StepModel:
+        """This network with words added after its vocabulary: (new, embedding_dim) their input vectors (GloVe's,
+        as every word's), (units, new) and (new,) their output units. The trained weights are unchanged; this
+        model is left as it is."""
+        grown = copy.copy(self)
+        grown.token_gates = np.concatenate([self.token_gates, np.asarray(embeddings, np.float32) @ self.input_kernel + self.lstm_bias])
+        grown._step_token_gates = grown._step_gates(grown.token_gates)
+        grown.output_kernel = np.concatenate([self.output_kernel, np.asarray(output_kernel, np.float32)], axis=1)
+        grown.output_bias = np.concatenate([self.output_bias, np.asarray(output_bias, np.float32)])
+        grown._output_blocks()
+        return grown
 
     def project_image(self, features: np.ndarray) -> np.ndarray:
         """(n, feature_dim) features -> (n, units) image branch (dropout is off at inference)."""

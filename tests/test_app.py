@@ -55,15 +55,16 @@ def table_rows(table: dict) -> list[list]:
 
 
 def test_greedy_caption(client, example_images):
-    text, table, facts = client.predict(handle_file(example_images[0]), "greedy", 5, api_name="/caption")
+    text, table, facts, seen = client.predict(handle_file(example_images[0]), "greedy", 5, api_name="/caption")
     assert text.strip()
     assert [row[:2] for row in table_rows(table)] == [[1, text]]
     assert "mobilenet_v2" in facts and "this caption took" in facts
+    assert seen == {"objects": [], "familiar": None, "familiarity": None}  # the tiny folder has no classifier
 
 
 @pytest.mark.parametrize("method", ["beam", "Beam search"])  # the API value and the radio's label
 def test_beam_caption_lists_sorted_distinct_candidates(client, example_images, method):
-    text, table, _ = client.predict(handle_file(example_images[1]), method, 5, length_penalty=0.0, api_name="/caption")
+    text, table, *_ = client.predict(handle_file(example_images[1]), method, 5, length_penalty=0.0, api_name="/caption")
     rows = table_rows(table)
     assert text.strip() and rows[0][1] == text
     assert 1 < len(rows) <= 5
@@ -77,7 +78,7 @@ def test_beam_caption_lists_sorted_distinct_candidates(client, example_images, m
 
 
 def test_advanced_options(client, example_images):
-    text, table, _ = client.predict(handle_file(example_images[0]), "beam", 3, 3, 1.0, api_name="/caption")
+    text, table, *_ = client.predict(handle_file(example_images[0]), "beam", 3, 3, 1.0, api_name="/caption")
     assert all(len(row[1].split()) <= 3 for row in table_rows(table))
     assert text == table_rows(table)[0][1]
 

@@ -46,8 +46,9 @@ def http(served):
 
 
 def explain(client, image, *settings, **named):
-    caption, words, heatmap, note, table, facts = client.predict(handle_file(image), *settings, api_name="/explain", **named)
-    return {"caption": caption, "words": words, "heatmap": Image.open(heatmap), "note": note, "table": table, "facts": facts}
+    caption, words, heatmap, note, table, facts, seen, seen_data = client.predict(handle_file(image), *settings, api_name="/explain", **named)
+    return {"caption": caption, "words": words, "heatmap": Image.open(heatmap), "note": note, "table": table, "facts": facts,
+            "seen": seen, "seen_data": seen_data}
 
 
 # ---- /explain -------------------------------------------------------------------------------------
@@ -56,7 +57,7 @@ def explain(client, image, *settings, **named):
 def test_explain_gives_the_caption_word_by_word_with_a_heatmap(client, tiny_captioner, example_images):
     photo = example_images[1]
     shown = explain(client, photo, "beam", 3, None, 0.0)
-    text, table, _ = client.predict(handle_file(photo), "beam", 3, None, 0.0, api_name="/caption")
+    text, table, *_ = client.predict(handle_file(photo), "beam", 3, None, 0.0, api_name="/caption")
     assert shown["caption"] == text and shown["table"]["data"] == table["data"]  # the same caption and candidates
     assert [w["token"] for w in shown["words"]] == text.split()
 
@@ -102,7 +103,7 @@ READABLE = re.compile(r"\d+(\.\d)?%|1 in [\d,.]+( million| billion| trillion)?|u
 
 
 def test_candidates_are_ranked_by_the_length_penalised_score(client, tiny_captioner, example_images):
-    _, table, _ = client.predict(handle_file(example_images[3]), "beam", 5, None, 2.0, api_name="/caption")
+    _, table, *_ = client.predict(handle_file(example_images[3]), "beam", 5, None, 2.0, api_name="/caption")
     assert table["headers"] == app.CANDIDATE_HEADERS == ["#", "caption", "score", "log-prob", "probability"]
     rows = table["data"]
     assert len(rows) > 1 and [row[2] for row in rows] == sorted((row[2] for row in rows), reverse=True)
@@ -111,7 +112,7 @@ def test_candidates_are_ranked_by_the_length_penalised_score(client, tiny_captio
         assert any(score == pytest.approx(log_prob / ((5 + length) / 6) ** 2, abs=0.011) for length in (words, words + 1))
         assert READABLE.fullmatch(probability), probability
     # Without the penalty the score is the log-probability.
-    _, table, _ = client.predict(handle_file(example_images[3]), "beam", 5, None, 0.0, api_name="/caption")
+    _, table, *_ = client.predict(handle_file(example_images[3]), "beam", 5, None, 0.0, api_name="/caption")
     assert all(row[2] == row[3] for row in table["data"])
 
 
@@ -133,7 +134,7 @@ def test_many_photos_each_get_a_caption_or_their_error(client, mixed_files):
     rows = table["data"]
     assert [row[0] for row in rows] == [f.name for f in mixed_files]  # every file, in the order sent
     singles = {f: client.predict(handle_file(f), *SETTINGS, api_name="/caption")[0] for f in mixed_files[::2]}
-    for (name, caption, error), path in zip(rows, mixed_files):
+    for (name, caption, error, seen), path in zip(rows, mixed_files):
         if path in singles:
             assert caption == singles[path] and error == ""  # the same caption as one photo at a time
         else:

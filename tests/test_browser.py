@@ -164,7 +164,7 @@ def test_example_click_explains_it_with_the_current_settings(page, problems, app
     expect(page.locator("#photo img").first).to_have_attribute("src", shown, **WAIT)
     expect(page.locator("#caption textarea")).not_to_have_value("", **WAIT)
     # The click ran with the page's settings (beam search, width 5): the caption the API gives.
-    expected, _, _ = Client(app_url, verbose=False).predict(
+    expected, *_ = Client(app_url, verbose=False).predict(
         handle_file(examples[1]), "beam", app.DEFAULTS.beam_width, api_name="/caption"
     )
     assert caption_text(page) == expected and words(page) == expected.split()
@@ -184,7 +184,7 @@ def test_sampling_shows_its_own_settings_and_a_seed_repeats_its_caption(page, pr
     caption_upload(page, example_images[1])
     expect(page.locator("#facts")).to_contain_text("this caption took", **WAIT)
     # The page's temperature and top-p start at the API's defaults: the same seed gives the API's caption.
-    expected, _, _ = Client(app_url, verbose=False).predict(handle_file(example_images[1]), "sample", seed=7, api_name="/caption")
+    expected, *_ = Client(app_url, verbose=False).predict(handle_file(example_images[1]), "sample", seed=7, api_name="/caption")
     assert caption_text(page) == expected
     screenshot(page, "sampling")
     assert not problems

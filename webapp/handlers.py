@@ -30,6 +30,7 @@ from PIL import Image
 
 from captioner import Captioner, DecodingOptions
 from captioner.explain import OVERLAY_MAX_SIDE, Explanation, overlay
+from captioner.visual import unfamiliar_note
 
 from . import uploads
 from .many_photos import caption_photos, read_once, write_csv, write_json
@@ -56,7 +57,7 @@ METHOD_CHOICES = [("Greedy", "greedy"), ("Beam search", "beam"), ("Sampling", "s
 METHODS = {name.lower(): value for label, value in METHOD_CHOICES for name in (label, value)}
 # score: what beam search ranks by, the log-probability divided by ((5 + length) / 6) ** length penalty.
 CANDIDATE_HEADERS = ["#", "caption", "score", "log-prob", "probability"]
-BATCH_HEADERS = ["file", "caption", "why it has no caption"]
+BATCH_HEADERS = ["file", "caption", "why it has no caption", "what the classifier sees"]
 
 NOT_LOADED = "The captioning model isn't loaded."
 GENERIC_ERROR = "Something went wrong while captioning this image. Please try again, or try another image."
@@ -67,7 +68,7 @@ FIX_WEIGHTS_HINT = (
 
 
 def decoding_options(method=None, beam_width=None, max_length=None, length_penalty=None, prefix=None,
-                     no_repeat_ngram_size=None, temperature=None, top_p=None, seed=None) -> DecodingOptions:
+                     no_repeat_ngram_size=None, temperature=None, top_p=None, seed=None, name_objects=None) -> DecodingOptions:
     """The page's widgets (or an API call's values) -> the library's DecodingOptions, whose checks are the only
     ones. None means the default. A method's own settings count only for it: greedy decoding and sampling ignore
     the beam width, greedy decoding and beam search the temperature, top-p and seed (the page sends every widget,
@@ -77,7 +78,7 @@ def decoding_options(method=None, beam_width=None, max_length=None, length_penal
     if isinstance(seed, str) and not seed.strip():  # the page's seed box, left empty
         seed = None
     given = {"method": method, "max_new_tokens": max_length, "length_penalty": length_penalty, "prefix": prefix,
-             "no_repeat_ngram_size": no_repeat_ngram_size}
+             "no_repeat_ngram_size": no_repeat_ngram_size, "name_objects": name_objects}
     if method == "beam":
         given["beam_width"] = beam_width
     if method == "sample":
@@ -139,37 +140,38 @@ class CaptionPage:
 
     @user_facing
     def caption(self, image, method=None, beam_width=None, max_length=None, length_penalty=None, prefix=None,
-                no_repeat_ngram_size=None, temperature=None, top_p=None, seed=None):
+                no_repeat_ngram_size=None, temperature=None, top_p=None, seed=None, name_objects=None):
         """Caption one image. method: 'greedy', 'beam' or 'sample'; prefix: words the caption must start with.
-        Returns the caption, the candidates table and facts."""
+        Returns the caption, the candidates table, facts and what the encoder sees (seen_data: objects, familiar)."""
         options = decoding_options(method, beam_width, max_length, length_penalty, prefix, no_repeat_ngram_size,
-                                   temperature, top_p, seed)
+                                   temperature, top_p, seed, name_objects)
         start = time.perf_counter()
         # The decode worker's pixels go straight to the encoder (Captioner.encode_pixels), as a batch of one.
         result = self.captioner.caption_pixels(self.images.upload(image)[None], options)[0]
         seconds = time.perf_counter() - start
         log.info("%s caption in %.2f s: %s", options.method, seconds, result.text)
-        return result.text, candidate_rows(result), model_facts(self.description, seconds)
+        return result.text, candidate_rows(result), model_facts(self.description, seconds), seen_data(result)
 
     @user_facing
     def explain(self, image, method=None, beam_width=None, max_length=None, length_penalty=None, prefix=None,
-                word=None, no_repeat_ngram_size=None, temperature=None, top_p=None, seed=None):
+                word=None, no_repeat_ngram_size=None, temperature=None, top_p=None, seed=None, name_objects=None):
         """Caption one image and explain each word. word: which word's heatmap to draw (its position from 0;
         default: the first word that names something); it comes before the settings added later, where API
         clients already pass it. Returns the caption, its words with their probabilities, the photo with that
         word's heatmap and a line saying which word it is, the candidates table, facts and what the session
-        keeps for clicks on the words."""
+        keeps for clicks on the words; after the facts, what the encoder sees, as a sentence and as data (objects,
+        familiar)."""
         options = decoding_options(method, beam_width, max_length, length_penalty, prefix, no_repeat_ngram_size,
-                                   temperature, top_p, seed)
+                                   temperature, top_p, seed, name_objects)
         start = time.perf_counter()
         return self._view(*self.images.upload(image, OVERLAY_MAX_SIDE), options, word, start)
 
     @user_facing
     def explain_example(self, index, method=None, beam_width=None, max_length=None, length_penalty=None, prefix=None,
-                        no_repeat_ngram_size=None, temperature=None, top_p=None, seed=None):
+                        no_repeat_ngram_size=None, temperature=None, top_p=None, seed=None, name_objects=None):
         """A click in the example gallery: only the example's index comes from the page -> the photo and its view."""
         options = decoding_options(method, beam_width, max_length, length_penalty, prefix, no_repeat_ngram_size,
-                                   temperature, top_p, seed)
+                                   temperature, top_p, seed, name_objects)
         start = time.perf_counter()
         view = self._view(*self.images.example(index, OVERLAY_MAX_SIDE), options, None, start)
         return self.examples[index], *view
@@ -183,7 +185,8 @@ class CaptionPage:
         seconds = time.perf_counter() - start
         log.info("%s caption explained in %.2f s: %s", options.method, seconds, explanation.text)
         return (explanation.text, word_highlights(explanation), kept.overlay(shown), kept.label(shown),
-                candidate_rows(explanation.caption), model_facts(self.description, seconds), kept)
+                candidate_rows(explanation.caption), model_facts(self.description, seconds),
+                seen_note(explanation.caption), seen_data(explanation.caption), kept)
 
     @staticmethod
     def show_word(kept: ExplainedPhoto | None, event: gr.SelectData):
@@ -197,11 +200,12 @@ class CaptionPage:
 
     @user_facing
     def caption_many(self, files, method=None, beam_width=None, max_length=None, length_penalty=None, prefix=None,
-                     no_repeat_ngram_size=None, temperature=None, top_p=None, seed=None, progress=gr.Progress()):
+                     no_repeat_ngram_size=None, temperature=None, top_p=None, seed=None, name_objects=None,
+                     progress=gr.Progress()):
         """Caption up to MAX_BATCH_FILES photos. Returns a gallery of the captioned ones, a summary, a table of
         every file with its caption or why it has none, and the results as CSV and JSON files."""
         options = decoding_options(method, beam_width, max_length, length_penalty, prefix, no_repeat_ngram_size,
-                                   temperature, top_p, seed)
+                                   temperature, top_p, seed, name_objects)
         files = batch_uploads(files)
         start = time.perf_counter()
         thumbnails: dict[int, np.ndarray] = {}  # each photo as it is (aspect kept), for the gallery
@@ -221,7 +225,7 @@ class CaptionPage:
         folder = results_folder()
         downloads = [str(write_csv(results, folder / "captions.csv")), str(write_json(results, folder / "captions.json"))]
         gallery = [(Image.fromarray(thumbnails[i]), f"{r.image}: {r.caption}") for i, r in enumerate(results) if r.ok]
-        table = [[r.image, r.caption or "", r.error or ""] for r in results]
+        table = [[r.image, r.caption or "", r.error or "", seen_summary(r.objects, r.familiar)] for r in results]
         log.info("Captioned %d of %d photos in %.2f s", len(gallery), len(results), seconds)
         return gallery, batch_summary(len(gallery), len(results), seconds), table, downloads
 
@@ -267,8 +271,36 @@ def percent(probability: float) -> str:
 
 def word_highlights(explanation: Explanation) -> list[tuple[str, float]]:
     """The caption for gr.HighlightedText: each word with its probability, which sets its shade. One token per
-    word (the component spaces them), so a click's index (gr.SelectData.index) is the word's."""
+    word (the component spaces them), so a click's index (gr.SelectData.index) is the word's. A caption of an
+    unfamiliar photo is shown unshaded (0): the model's sureness of "dog" means nothing on a photo of a kitchen."""
+    if explanation.caption.familiar is False:
+        return [(word.word, 0.0) for word in explanation.words]
     return [(word.word, round(word.probability, 3)) for word in explanation.words]
+
+
+def seen_note(caption) -> str:
+    """Markdown under the caption: what the encoder's ImageNet classifier sees, and, for an unfamiliar photo, the
+    sentence that says the caption is a guess."""
+    if caption.familiar is False:
+        return f"\u26a0\ufe0f {html.escape(unfamiliar_note(caption.objects))}"
+    if not caption.objects:
+        return ""
+    return "The image classifier sees: " + ", ".join(f"{html.escape(name)} ({percent(p)})" for name, p in caption.objects)
+
+
+def seen_data(caption) -> dict:
+    """What the encoder sees, for API clients: the ImageNet classes with their probabilities, best first, and
+    whether the photo is familiar (None: the weights can't tell) with the score that says so."""
+    return {"objects": [{"name": name, "probability": p} for name, p in caption.objects],
+            "familiar": caption.familiar, "familiarity": caption.familiarity}
+
+
+def seen_summary(objects, familiar) -> str:
+    """The many-photos table's cell: the likeliest classes, and a mark on unfamiliar photos."""
+    if objects is None:
+        return ""
+    seen = ", ".join(f"{name} {percent(p)}" for name, p in objects)
+    return seen + (" (unfamiliar photo: the caption is a guess)" if familiar is False else "")
 
 
 def chosen_word(word, explanation: Explanation) -> int:

@@ -25,7 +25,8 @@ from captioner import Captioner, DecodingOptions
 
 BATCH_SIZE = 8  # images per encoder call, as ImageEncoder's own batches
 MAX_NAME_CHARS = 200  # a file name as shown and written: names come from the uploader
-CSV_COLUMNS = ("image", "caption", "log_prob", "error")  # the names `captioner --json` and captioner.batch use
+# The names `captioner --json` and captioner.batch use; objects: "name probability; ..." in the CSV, a list in the JSON.
+CSV_COLUMNS = ("image", "caption", "log_prob", "error", "objects", "familiar")
 OUT_OF_TIME = "Not captioned: the request ran out of time before this file was read. Please send it again."
 # A spreadsheet runs a cell that starts with one of these as a formula ("=HYPERLINK(...)"), after any spaces
 # (" =1+1"), or with a tab or carriage return: file names are the uploader's, so such a name is written with
@@ -39,6 +40,8 @@ class PhotoResult:
     caption: str | None = None
     log_prob: float | None = None  # the caption's total log-probability
     error: str | None = None  # why the file has no caption, for the user
+    objects: list[tuple[str, float]] | None = None  # what the encoder's ImageNet classifier sees (Caption.objects)
+    familiar: bool | None = None  # whether the photo is like the training photos (None: the weights can't tell)
 
     @property
     def ok(self) -> bool:
@@ -66,7 +69,8 @@ def caption_photos(
         nonlocal done
         captions = captioner.caption_batch([image for _, image in pending], options)
         for (position, _), caption in zip(pending, captions):
-            results[position] = PhotoResult(photos[position][0], caption.text, round(caption.candidates[0][1], 4))
+            results[position] = PhotoResult(photos[position][0], caption.text, round(caption.candidates[0][1], 4),
+                                            objects=caption.objects, familiar=caption.familiar)
         done += len(pending)
         pending.clear()
         if progress:
@@ -130,6 +134,8 @@ def results_csv(results: Iterable[PhotoResult]) -> str:
     writer.writerow(CSV_COLUMNS)
     for result in results:
         row = asdict(result)
+        row["objects"] = "; ".join(f"{name} {p}" for name, p in result.objects or [])
+        row["familiar"] = "" if result.familiar is None else str(result.familiar).lower()
         writer.writerow([_spreadsheet_safe(row[column]) for column in CSV_COLUMNS])
     return buffer.getvalue()
 
