@@ -34,10 +34,16 @@ KNOWN_PHOTOS = "photos of people, dogs, children, sports and outdoor scenes"
 def unfamiliar_note(objects: list[tuple[str, float]]) -> str:
     """The one sentence shown with a caption whose photo is unfamiliar: what the model knows, what the classifier
     sees instead."""
-    seen = " and ".join(f"{'an' if name[:1].lower() in 'aeiou' else 'a'} {name} ({probability:.0%})"
-                        for name, probability in objects[:2])
+    seen = " and ".join(f"{article(name)}{name} ({probability:.0%})" for name, probability in objects[:2])
     return (f"This photo is unlike the {KNOWN_PHOTOS} the captioner learned from, so its caption is a guess"
             + (f": the image classifier sees {seen} instead." if seen else "."))
+
+
+def article(name: str) -> str:
+    """'an ' before a vowel, 'a ' before a consonant, none before a plural name ('binoculars', 'jeans')."""
+    if name.endswith("s") and not name.endswith("ss"):
+        return ""
+    return "an " if name[:1].lower() in "aeiou" else "a "
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

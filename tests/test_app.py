@@ -17,7 +17,7 @@ from benchmarks.app_process import running_app
 # The decoding settings every endpoint takes after its image: the first five in the order API clients have always
 # passed them, then the ones added later (optional).
 SETTINGS = ["method", "beam_width", "max_length", "length_penalty", "prefix", "no_repeat_ngram_size", "temperature",
-            "top_p", "seed"]
+            "top_p", "seed", "name_objects"]
 
 
 @pytest.fixture(scope="module")

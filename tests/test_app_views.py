@@ -150,10 +150,10 @@ def test_many_photos_each_get_a_caption_or_their_error(client, mixed_files):
 
     csv_file, json_file = sorted(downloads, key=lambda p: Path(p).suffix)
     written = json.loads(Path(json_file).read_text())
-    assert [(r["image"], r["caption"], r["error"]) for r in written] == [(n, c or None, e or None) for n, c, e in rows]
+    assert [(r["image"], r["caption"], r["error"]) for r in written] == [(n, c or None, e or None) for n, c, e, _ in rows]
     assert all((r["log_prob"] is None) == (r["caption"] is None) for r in written)
     lines = list(csv.DictReader(io.StringIO(Path(csv_file).read_text())))
-    assert [line["caption"] for line in lines] == [c for _, c, _ in rows]
+    assert [line["caption"] for line in lines] == [c for _, c, _, _ in rows]
     assert lines[3]["image"] == "'=cut-off.jpg"  # shown as text, not run
 
 
@@ -174,7 +174,7 @@ def test_many_photos_refuses_too_many_or_none(client, tmp_path, example_images):
 def test_the_api_documents_the_new_endpoints(client):
     endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
     parameters = {name: [p["parameter_name"] for p in endpoints[name]["parameters"]] for name in ("/explain", "/caption_many")}
-    added = ["no_repeat_ngram_size", "temperature", "top_p", "seed"]  # after the ones API clients already pass
+    added = ["no_repeat_ngram_size", "temperature", "top_p", "seed", "name_objects"]  # after the ones API clients already pass
     assert parameters == {
         "/explain": ["image", "method", "beam_width", "max_length", "length_penalty", "prefix", "word", *added],
         "/caption_many": ["files", "method", "beam_width", "max_length", "length_penalty", "prefix", *added],
@@ -231,7 +231,7 @@ def test_the_hostile_corpus_through_many_photos(http, corpus_uploads):
         assert answer.ok, answer
         rows = answer.value[2]["data"]
         assert [row[0] for row in rows] == batch
-        for name, caption, error in rows:
+        for name, caption, error, _ in rows:
             if expected[name] == CAPTION:
                 assert caption.strip() and not error, (name, error)
             else:

@@ -92,7 +92,7 @@ class VisualConfig:
     weights: Path = option(BUNDLED_WEIGHTS, "the weights folder: its classifier reads the photos, the files go into it")
     work_dir: Path = option(DEFAULT_WORK_DIR, "where the earlier steps wrote (dataset.json, the folder's encoder's features)")
     coco_dev: Path | None = option(SHARED / "coco-dev", "a folder of photos unlike Flickr8k's (images/, captions.tsv) to "
-                                                         "choose on; none: Flickr8k dev only")
+                                                         "choose on; none (or missing): Flickr8k dev only")
     report: Path | None = option(None, "also write every setting's dev figures here (JSON)")
 
 
@@ -216,7 +216,7 @@ def dev_sets(config: VisualConfig, captioner: Captioner) -> dict[str, tuple[np.n
     names = [name for name in dataset["splits"]["dev"] if (images / name).is_file()]
     sets = {"flickr8k_dev": (served_features(captioner, [images / n for n in names], work_dir / "visual" / "flickr8k_dev"),
                              names, {n: dataset["splits"]["dev"][n] for n in names})}
-    if config.coco_dev is not None:
+    if config.coco_dev is not None and Path(config.coco_dev).is_dir():
         references = read_captions_tsv(Path(config.coco_dev) / "captions.tsv")
         names = sorted(references)
         sets["coco_dev"] = (served_features(captioner, [Path(config.coco_dev) / "images" / n for n in names],

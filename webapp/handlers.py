@@ -326,7 +326,7 @@ class ExplainedPhoto:
     (about 0.65 MB a session otherwise, for as many sessions as Gradio keeps)."""
 
     words: tuple[str, ...]
-    probabilities: tuple[float, ...]
+    probabilities: tuple[float, ...] | None  # None for an unfamiliar photo's caption: its sureness means nothing
     key: str  # of (heatmaps (words, h, w) float16, photo JPEG) in KEPT_VIEWS
 
     @classmethod
@@ -335,7 +335,8 @@ class ExplainedPhoto:
         photo.convert("RGB").save(buffer, "JPEG", quality=PHOTO_JPEG_QUALITY)
         heatmaps = np.stack([w.heatmap for w in explanation.words]).astype(np.float16)
         key = KEPT_VIEWS.put((heatmaps, buffer.getvalue()), heatmaps.nbytes + buffer.tell())
-        return cls(tuple(w.word for w in explanation.words), tuple(w.probability for w in explanation.words), key)
+        probabilities = None if explanation.caption.familiar is False else tuple(w.probability for w in explanation.words)
+        return cls(tuple(w.word for w in explanation.words), probabilities, key)
 
     @property
     def available(self) -> bool:
@@ -349,7 +350,8 @@ class ExplainedPhoto:
 
     def label(self, index: int) -> str:
         """Markdown under the heatmap: which word it is and how sure the model was of it."""
-        return f"Where the model looked for **\u201c{self.words[index]}\u201d** (word {index + 1}, {percent(self.probabilities[index])} sure)"
+        sure = "" if self.probabilities is None else f", {percent(self.probabilities[index])} sure"
+        return f"Where the model looked for **\u201c{self.words[index]}\u201d** (word {index + 1}{sure})"
 
 
 def model_facts(description: dict, seconds: float | None = None) -> str:
