@@ -657,6 +657,7 @@ class ConstrainedBeamSearchDecoder(TokenDecoder):
         # Per image: which groups each of its group words completes (a bit per group), and its offsets: -inf
         # for the new words it doesn't require.
         self.word_bits: list[dict[int, int]] = []
+        self.group_words: list[tuple[np.ndarray, np.ndarray]] = []  # the same as arrays: its group words, their bits
         self.image_offsets = np.zeros((len(required), vocab_size), np.float32)
         for image, groups in enumerate(required):
             bits: dict[int, int] = {}
@@ -664,6 +665,7 @@ class ConstrainedBeamSearchDecoder(TokenDecoder):
                 for token in group:
                     bits[token] = bits.get(token, 0) | 1 << g
             self.word_bits.append(bits)
+            self.group_words.append((np.array(sorted(bits), np.int64), np.array([bits[t] for t in sorted(bits)], np.int64)))
             self.image_offsets[image, new_words] = -np.inf
             self.image_offsets[image, [t for t in bits if t >= len(task.vocab)]] = 0.0
         self.images = np.arange(len(required))  # each live caption's image
@@ -705,20 +707,28 @@ class ConstrainedBeamSearchDecoder(TokenDecoder):
             full = (1 << len(self.required[image])) - 1
             if len(self.finished[image][full]) >= k:
                 continue
+            group_words, word_bits = self.group_words[image]
             image_rows = np.flatnonzero(self.images == image)
-            group_words = np.array(sorted(self.word_bits[image]), np.int64)
-            word_bits = np.array([self.word_bits[image][t] for t in group_words], np.int64)
+            row_sets = self.sets[image_rows]
+            # Staying in its set: a caption with any word but one that names a group it lacks. Each set's captions
+            # side by side in one row of a matrix (-inf where it has fewer than k), as BeamSearchDecoder does.
+            staying = candidate_scores[image_rows]  # (a new array)
+            staying[:, group_words] = np.where((word_bits & ~row_sets[:, None]) != 0, -np.inf, staying[:, group_words])
+            vocab_size = staying.shape[1]
+            slots = np.zeros(len(image_rows), np.int64)  # each caption's place among its set's
             for named in range(full + 1):
-                # Staying in this set: its captions, with any word but one that names a group it lacks.
-                staying, walk = image_rows[self.sets[image_rows] == named], []
-                if len(staying):
-                    stay_scores = candidate_scores[staying]  # (a new array)
-                    stay_scores[:, group_words[(word_bits & ~named) != 0]] = -np.inf
-                    top, top_scores = _best_candidates(stay_scores.reshape(1, -1), 2 * k)
-                    walk = [(score, int(staying[c // stay_scores.shape[1]]), int(c % stay_scores.shape[1]))
-                            for c, score in zip(top[0].tolist(), top_scores[0].tolist())]
+                in_set = row_sets == named
+                slots[in_set] = np.arange(in_set.sum())
+            per_set = np.full((full + 1, k, vocab_size), -np.inf)
+            per_set[row_sets, slots] = staying
+            top, top_scores = _best_candidates(per_set.reshape(full + 1, -1), 2 * k)
+            row_of = np.full((full + 1, k), -1)
+            row_of[row_sets, slots] = image_rows
+            for named in range(full + 1):
+                walk = [(score, int(row_of[named, c // vocab_size]), int(c % vocab_size))
+                        for c, score in zip(top[named].tolist(), top_scores[named].tolist()) if score > -np.inf]
                 # Arriving: captions of a smaller set taking the word that completes this one.
-                for row in image_rows[(self.sets[image_rows] != named) & ((self.sets[image_rows] & ~named) == 0)].tolist():
+                for row in image_rows[(row_sets != named) & ((row_sets & ~named) == 0)].tolist():
                     for token in group_words[(self.sets[row] | word_bits) == named].tolist():
                         walk.append((float(candidate_scores[row, token]), row, token))
                 walk.sort(key=lambda candidate: -candidate[0])
