@@ -33,7 +33,8 @@ from pathlib import Path
 
 from captioner.encoder import ENCODERS
 from captioner.weights import WeightsError, read_folder
-from training import convert_encoder, evaluate, export_encoder, features, finetune, glove, model_card, prepare, scst, train, visual
+from training import (convert_encoder, evaluate, export_encoder, features, finetune, glove, model_card, prepare, scst, train,
+                      visual)
 from training.config import option, parse_config
 from training.convert_encoder import ConversionError
 from training.datasets import KINDS, DatasetError
@@ -109,7 +110,8 @@ def steps(run: RunConfig) -> list[tuple[str, callable, object]]:
     # What the encoder sees (EfficientNet-Lite, whose classifier comes with its weights): the ImageNet head, then the
     # classes' caption words and the familiarity flag, chosen on dev with the served encoder (training/visual.py).
     if encoder in convert_encoder.WHEELS and not run.random_encoder and not run.skip_eval:
-        planned.append(("imagenet_head", convert_encoder.export_head, convert_encoder.ConvertConfig(encoder, work, head_into=out)))
+        planned.append(("imagenet_head", convert_encoder.export_head,
+                        convert_encoder.ConvertConfig(encoder, work, head_into=out)))
         planned.append(("visual", visual.build, visual.VisualConfig(out, work)))
     planned.append(("model_card", model_card.write_model_card, out))
     return planned

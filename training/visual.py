@@ -294,7 +294,8 @@ def build(config: VisualConfig) -> dict:
         for most in MAX_REQUIRED:
             setting = replace(words, required_probability=probability, max_required=most)
             results[(probability, most)] = {name: scored(captioner, setting, *data) for name, data in sets.items()}
-            figures = {name: {k: v for k, v in s.items() if k in ("CIDEr", "BLEU-4")} for name, s in results[(probability, most)].items()}
+            figures = {name: {k: v for k, v in result.items() if k in ("CIDEr", "BLEU-4")}
+                       for name, result in results[(probability, most)].items()}
             report["settings"][f"p{probability:g}_max{most}"] = figures
             print(f"name_objects, required probability {probability:g}, at most {most}: " +
                   ", ".join(f"{name} CIDEr {f['CIDEr']:.3f}" for name, f in figures.items()), flush=True)
@@ -345,9 +346,8 @@ def build(config: VisualConfig) -> dict:
                         "threshold": threshold, "flagged_share_of_dev": FLAGGED_SHARE,
                         "dev_figures": separation[weights][1]},
         "words": readable,
-        "chosen_on": {"flickr8k_dev": report["plain"]["flickr8k_dev"] | {"named": {k: v for k, v in results[best]["flickr8k_dev"].items() if k in ("CIDEr", "BLEU-4")}},
-                      **({"coco_dev": report["plain"]["coco_dev"] | {"named": {k: v for k, v in results[best]["coco_dev"].items() if k in ("CIDEr", "BLEU-4")}}}
-                         if "coco_dev" in sets else {}),
+        "chosen_on": {**{name: report["plain"][name] | {"named": report["settings"][f"p{best[0]:g}_max{best[1]}"][name]}
+                         for name in sets},
                       "name_objects_recommended": bool(named_default)},
     }
     work = work_dir / "visual"
