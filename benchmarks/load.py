@@ -99,8 +99,9 @@ def decode_pool_overhead(weights: Path, images: list[str], repeats: int) -> dict
 
 
 def response_key(output) -> tuple:
-    """The app's (caption, candidates table, facts) -> what must be identical across requests (facts has a timing)."""
-    text, table, _ = output
+    """The app's (caption, candidates table, facts, what the encoder sees) -> what must be identical across requests
+    (facts has a timing)."""
+    text, table, *_ = output
     rows = table["data"] if isinstance(table, dict) else table
     headers = [str(h) for h in table.get("headers", [])] if isinstance(table, dict) else []
     # The log-probability column ("log-prob"; once "log-probability"), wherever the table puts it.
