@@ -385,3 +385,20 @@ def test_the_upload_cache_stays_within_its_bound(served, user):
     assert upload_cache.CACHE_FULL in details  # six clients filled it: the last were told there's no room
     assert any("per user" in d for d in details)  # and one client alone can't: its share ends first
     assert cache_bytes(served.upload_dir) <= bound
+
+
+def test_the_sweep_counts_a_files_time_in_the_cache_and_keeps_the_apps_own_files(tmp_path, tiny_captioner):
+    cache = tmp_path / "cache"
+    copied, upload = cache / "a1" / "cat.jpg", cache / "b2" / "photo.jpg"
+    for path in (copied, upload):
+        path.parent.mkdir(parents=True)
+        path.write_bytes(b"x" * 100)
+    day_ago = time.time() - 86_400
+    os.utime(copied, (day_ago, day_ago))  # a copy that kept its original's mtime, as Gradio's copies do
+    assert upload_cache.UploadCache(lambda: cache).sweep() == 200  # both came into the cache just now: kept
+    # Past the age limit every file goes, but the app's own: the examples the page links for as long as it runs.
+    assert upload_cache.UploadCache(lambda: cache, max_age_s=-1, keep=frozenset({str(copied)})).sweep() == 100
+    assert copied.is_file() and not upload.exists()
+    # The app's own files are the ones Gradio copied into its cache while building the page: the examples.
+    limits = middleware.RequestLimits(None, blocks=app.build_demo(tiny_captioner), upload_dir=tmp_path / "uploads")
+    assert sorted(Path(path).name for path in limits.cache.keep) == sorted(Path(p).name for p in app.example_images())

@@ -208,7 +208,9 @@ class RequestLimits:
         self._routes = _compiled_routes()
         self.bodies = BodyBudget()
         self.queue_limits = QueueLimits(blocks)
-        self.cache = UploadCache(lambda: self.upload_dir)
+        # The files Gradio copied into the cache while building the page (the example photos): the app's own.
+        own_files = frozenset(path for files in getattr(blocks, "temp_file_sets", ()) for path in files)
+        self.cache = UploadCache(lambda: self.upload_dir, keep=own_files)
         if blocks is not None:  # the running app: its cache swept from now on
             self.cache.start()
 

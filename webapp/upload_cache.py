@@ -11,6 +11,9 @@ an upload that failed after they were written stay forever, and nothing bounds t
   MAX_AGE_S anywhere in the cache (uploads, stored images, Gradio's copies of outputs), and files at the
   cache's top level (where Gradio writes an upload's parts before moving them into place) that no request
   has open and that are older than ORPHAN_AGE_S: what failed uploads left. Then it measures the cache again.
+  A file's age is the time since it came into the cache (the later of its mtime and ctime: Gradio copies files
+  with their original's mtime). The app's own files (`keep`: the example photos Gradio copied there when the
+  page was built) are never deleted: the page links them for as long as it runs.
 
 `CAPTIONER_UPLOAD_CACHE_MB` sets MAX_CACHE_BYTES (the operator's disk; tests use a small cache).
 """
@@ -58,8 +61,9 @@ class UploadCache:
     """See the module doc. Thread-safe: charge() runs in the event loop, sweep() in its own thread."""
 
     def __init__(self, folder: Callable[[], Path], max_bytes: int = MAX_CACHE_BYTES,
-                 client_bytes: int = MAX_CLIENT_BYTES, max_age_s: float = MAX_AGE_S):
+                 client_bytes: int = MAX_CLIENT_BYTES, max_age_s: float = MAX_AGE_S, keep: frozenset[str] = frozenset()):
         self.folder, self.max_bytes, self.client_bytes, self.max_age_s = folder, max_bytes, client_bytes, max_age_s
+        self.keep = frozenset(os.path.realpath(path) for path in keep)
         self._lock = threading.Lock()
         self._used = 0  # bytes on disk at the last sweep, plus bytes charged since
         self._stored: dict[str, deque[tuple[float, int]]] = defaultdict(deque)  # client -> (time, bytes) charged
@@ -119,9 +123,9 @@ class UploadCache:
                 path = os.path.join(directory, name)
                 try:
                     info = os.lstat(path)
-                    age = now - info.st_mtime
+                    age = now - max(info.st_mtime, info.st_ctime)
                     orphan = top and age > ORPHAN_AGE_S and path not in open_files
-                    if age > self.max_age_s or orphan:
+                    if (age > self.max_age_s or orphan) and path not in self.keep:
                         os.unlink(path)
                     else:
                         measured += info.st_size
