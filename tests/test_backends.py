@@ -149,11 +149,11 @@ def bundled_on_both_backends():
     return fast, reference
 
 
-def test_the_bundled_folders_openvino_model_gives_the_references_captions(bundled_on_both_backends, example_images):
+def test_the_bundled_folders_openvino_model_gives_the_references_features(bundled_on_both_backends, example_images):
     """What the app serves: the folder's own encoder.xml (int8, training/export_encoder.py), against TensorFlow's
-    float32 features: the same direction (cosine), and on the examples mostly the same captions (6 and 7 of 10 with
-    greedy and beam search; int8 changes about a quarter of Flickr8k's test captions at test CIDEr 0.556 against
-    0.559: training/export_encoder.py --evaluate)."""
+    float32 features: the same direction (cosine 0.965-0.994 on the examples here). Its captions are not the
+    reference's: int8 changes about a quarter of Flickr8k's test captions (4-7 of the 10 examples, varying with
+    the CPU), at test CIDEr 0.556 against 0.559 (training/export_encoder.py --evaluate, README's Speed)."""
     from captioner import Captioner
 
     served = Captioner.from_pretrained(ROOT / "weights")
@@ -162,9 +162,7 @@ def test_the_bundled_folders_openvino_model_gives_the_references_captions(bundle
     ours, expected = served.encode(example_images), reference.encode(example_images)
     cosine = (ours * expected).sum(1) / np.linalg.norm(ours, axis=1) / np.linalg.norm(expected, axis=1)
     assert cosine.min() > 0.95, cosine
-    for method in ("greedy", "beam"):
-        pairs = zip(served.caption_batch(example_images, method=method), reference.caption_batch(example_images, method=method))
-        assert sum(ours.text == expected.text for ours, expected in pairs) >= len(example_images) // 2
+    assert all(caption.text for caption in served.caption_batch(example_images))
 
 
 @pytest.mark.parametrize("method", ["greedy", "beam"])
