@@ -66,6 +66,7 @@ class UploadCache:
         self.keep = frozenset(os.path.realpath(path) for path in keep)
         self._lock = threading.Lock()
         self._used = 0  # bytes on disk at the last sweep, plus bytes charged since
+        self._charged_during_sweep = 0  # bytes charged since the running sweep began (it may not have seen them)
         self._stored: dict[str, deque[tuple[float, int]]] = defaultdict(deque)  # client -> (time, bytes) charged
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
@@ -94,6 +95,7 @@ class UploadCache:
                 self._wake.set()  # a sweep may find room (orphans, old files) for the next request
                 raise CacheFull(CACHE_FULL, 503)
             self._used += count
+            self._charged_during_sweep += count
             if stored and now - stored[-1][0] < 1.0:  # one entry per second and client, however small the chunks
                 stored[-1] = (stored[-1][0], stored[-1][1] + count)
             else:
@@ -116,6 +118,8 @@ class UploadCache:
         """Delete expired files and orphans (see the module doc); -> bytes left in the cache."""
         folder = self.folder()
         now, open_files = time.time(), _open_files()
+        with self._lock:
+            self._charged_during_sweep = 0
         measured = 0
         for directory, _, files in os.walk(folder, topdown=False):
             top = Path(directory) == folder
@@ -138,7 +142,9 @@ class UploadCache:
                 except OSError:
                     pass
         with self._lock:
-            self._used = measured
+            # Uploads charged while the walk ran may have reached the disk after it passed: count them again
+            # (twice at worst, for a moment), never not at all.
+            self._used = measured + self._charged_during_sweep
         return measured
 
 
