@@ -644,8 +644,10 @@ class ConstrainedBeamSearchDecoder(TokenDecoder):
     as beam search ranks them), or, if none names every group within the token budget, those of the fullest set.
 
     Greedy decoding with name_objects is this search with one caption per set. The new words of the grown
-    vocabulary are offered only to the images that require them. Images are walked one by one in Python: the
-    images that need this decoder are the few the classifier is sure of.
+    vocabulary are offered only to the images that require them. Each step takes every caption's 2k best
+    candidates in one NumPy call, then fills the sets in plain Python from those and the arriving ones (a few
+    dozen per set): filling each set from its captions' whole vocabulary cost about twice as much a step
+    (tests/reference_decoding.py writes that search out; tests/test_visual.py checks that both agree).
     """
 
     def __init__(self, task: DecodingTask, required: list[tuple[tuple[int, ...], ...]]):
@@ -702,35 +704,35 @@ class ConstrainedBeamSearchDecoder(TokenDecoder):
         last_step = step == self.task.max_new_tokens - 1  # at the budget every caption ends
         k, end = self.k, self.end
         candidate_scores = self.scores[:, None] + log_probs
-        rows, tokens, scores, sets = [], [], [], []
-        for image in np.unique(self.images).tolist():
+        sets = self.sets.tolist()
+        rows_of: dict[int, list[int]] = {}  # each image's live captions
+        for row, image in enumerate(self.images.tolist()):
+            rows_of.setdefault(image, []).append(row)
+        # Staying in its set: a caption with any word but one that names a group it lacks.
+        staying = candidate_scores.copy()
+        for image, image_rows in rows_of.items():
+            group_words, word_bits = self.group_words[image]
+            block = np.ix_(image_rows, group_words)
+            staying[block] = np.where((word_bits & ~self.sets[image_rows, None]) != 0, -np.inf, staying[block])
+        # Each caption's 2k best staying candidates, all rows at once (a set's 2k best are among its captions'
+        # own); the sets are then filled in plain Python, from a few dozen candidates each.
+        count = min(2 * k, staying.shape[1])
+        top = np.argpartition(staying, staying.shape[1] - count, axis=1)[:, -count:]
+        top_scores = np.take_along_axis(staying, top, axis=1).tolist()
+        top = top.tolist()
+        rows, tokens, scores, new_sets = [], [], [], []
+        for image, image_rows in rows_of.items():
             full = (1 << len(self.required[image])) - 1
             if len(self.finished[image][full]) >= k:
                 continue
-            group_words, word_bits = self.group_words[image]
-            image_rows = np.flatnonzero(self.images == image)
-            row_sets = self.sets[image_rows]
-            # Staying in its set: a caption with any word but one that names a group it lacks. Each set's captions
-            # side by side in one row of a matrix (-inf where it has fewer than k), as BeamSearchDecoder does.
-            staying = candidate_scores[image_rows]  # (a new array)
-            staying[:, group_words] = np.where((word_bits & ~row_sets[:, None]) != 0, -np.inf, staying[:, group_words])
-            vocab_size = staying.shape[1]
-            slots = np.zeros(len(image_rows), np.int64)  # each caption's place among its set's
+            word_bits = self.word_bits[image]
             for named in range(full + 1):
-                in_set = row_sets == named
-                slots[in_set] = np.arange(in_set.sum())
-            per_set = np.full((full + 1, k, vocab_size), -np.inf)
-            per_set[row_sets, slots] = staying
-            top, top_scores = _best_candidates(per_set.reshape(full + 1, -1), 2 * k)
-            row_of = np.full((full + 1, k), -1)
-            row_of[row_sets, slots] = image_rows
-            for named in range(full + 1):
-                walk = [(score, int(row_of[named, c // vocab_size]), int(c % vocab_size))
-                        for c, score in zip(top[named].tolist(), top_scores[named].tolist()) if score > -np.inf]
+                walk = [(score, row, token) for row in image_rows if sets[row] == named
+                        for token, score in zip(top[row], top_scores[row])]
                 # Arriving: captions of a smaller set taking the word that completes this one.
-                for row in image_rows[(row_sets != named) & ((row_sets & ~named) == 0)].tolist():
-                    for token in group_words[(self.sets[row] | word_bits) == named].tolist():
-                        walk.append((float(candidate_scores[row, token]), row, token))
+                walk += [(float(candidate_scores[row, token]), row, token) for row in image_rows
+                         if sets[row] != named and sets[row] & ~named == 0
+                         for token, bits in word_bits.items() if sets[row] | bits == named]
                 walk.sort(key=lambda candidate: -candidate[0])
                 going = 0
                 for score, row, token in walk:
@@ -743,7 +745,7 @@ class ConstrainedBeamSearchDecoder(TokenDecoder):
                         rows.append(row)
                         tokens.append(token)
                         scores.append(score)
-                        sets.append(named)
+                        new_sets.append(named)
                         going += 1
                         if going == k:
                             break
@@ -752,7 +754,7 @@ class ConstrainedBeamSearchDecoder(TokenDecoder):
             return None
         self.beams = [self.beams[row] + (token,) for row, token in zip(rows, tokens)]
         self.tokens, self.scores = np.array(tokens), np.array(scores)
-        self.images, self.sets = self.images[rows], np.array(sets)
+        self.images, self.sets = self.images[rows], np.array(new_sets)
         return rows
 
     def finalize(self) -> list[list[Hypothesis]]:

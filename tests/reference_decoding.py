@@ -9,6 +9,9 @@ same captions and scores.
 
 from __future__ import annotations
 
+import functools
+import operator
+
 import numpy as np
 
 from captioner.decoding import DecodingOptions, Hypothesis, length_normalised, prefix_ids
@@ -147,3 +150,72 @@ def beam_search_decode(
         state = (h[next_rows], c[next_rows])
 
     return [sorted(hyps, key=lambda hyp: hyp.score, reverse=True)[:k] for hyps in finished]
+
+
+def constrained_beam_search_decode(
+    model: StepModel, vocab: Vocabulary, grown: Vocabulary, image: np.ndarray, groups: tuple[tuple[int, ...], ...],
+    options: DecodingOptions, max_new_tokens: int,
+) -> list[Hypothesis]:
+    """One image's constrained beam search (Anderson et al. 2017) written out: a beam of `beam_width` captions per
+    set of groups named so far; each step, every set is filled from all of its captions' candidates over the
+    whole grown vocabulary (less the words naming a group the caption lacks) and from the captions of smaller
+    sets taking the word that completes it, best first; the image is done once the set with every group has
+    `beam_width` finished captions. Its rules on words: the new words (ids from len(vocab)) only as the groups'
+    own, and no word right after itself. model: the grown network (Naming.model); image: its projected image."""
+    k = options.beam_width if options.method == "beam" else 1
+    alpha = options.length_penalty if k > 1 else 0.0
+    prefix = prefix_ids(vocab, options.prefix)
+    bits_of: dict[int, int] = {}
+    for g, group in enumerate(groups):
+        for token in group:
+            bits_of[token] = bits_of.get(token, 0) | 1 << g
+    full = (1 << len(groups)) - 1
+    named_by = lambda tokens: functools.reduce(operator.or_, [bits_of.get(t, 0) for t in tokens], 0)
+    state, logits, prefix_log_prob = start(model, grown, image, prefix)
+    captions, scores, sets = [prefix], [float(prefix_log_prob[0])], [named_by(prefix)]
+    finished: list[list[tuple[tuple[int, ...], float]]] = [[] for _ in range(full + 1)]
+    steps = options.max_new_tokens or max_new_tokens
+    for step in range(steps):
+        if step:
+            logits, state = reference_step(model, image, tokens, state)
+        offsets = np.zeros(logits.shape, np.float32)
+        offsets[:, len(vocab):] = -np.inf
+        offsets[:, [t for t in bits_of if t >= len(vocab)]] = 0.0
+        if step or prefix:
+            offsets[np.arange(len(captions)), [caption[-1] for caption in captions]] = -np.inf
+        log_probs = allowed_log_probs(logits + offsets, grown, first_step=not prefix and step == 0)
+        candidate_scores = np.asarray(scores)[:, None] + log_probs
+        last_step = step == steps - 1
+        next_rows, next_tokens, next_scores, next_sets = [], [], [], []
+        if len(finished[full]) < k:
+            for named in range(full + 1):
+                walk = []
+                for row, have in enumerate(sets):
+                    for token in range(logits.shape[1]):
+                        if have | bits_of.get(token, 0) == named:  # staying (naming nothing new), or arriving
+                            walk.append((float(candidate_scores[row, token]), row, token))
+                walk.sort(key=lambda candidate: -candidate[0])
+                going = 0
+                for score, row, token in walk:
+                    if not np.isfinite(score):
+                        break
+                    if token == vocab.end_id or last_step:
+                        if len(finished[named]) < k:
+                            finished[named].append((captions[row] + (token,), score))
+                    else:
+                        next_rows.append(row)
+                        next_tokens.append(token)
+                        next_scores.append(score)
+                        next_sets.append(named)
+                        going += 1
+                        if going == k:
+                            break
+        if not next_rows:
+            break
+        state = (state[0][next_rows], state[1][next_rows])
+        captions = [captions[row] + (token,) for row, token in zip(next_rows, next_tokens)]
+        tokens, scores, sets = np.array(next_tokens), next_scores, next_sets
+    best = full if finished[full] else max((named for named in range(full + 1) if finished[named]),
+                                           key=lambda named: bin(named).count("1"), default=0)
+    return sorted((Hypothesis(tokens, score, length_normalised(score, len(tokens), alpha)) for tokens, score in finished[best]),
+                  key=lambda h: h.score, reverse=True)

@@ -15,6 +15,7 @@ from captioner import Captioner, DecodingOptions
 from captioner.decoding import ConstrainedBeamSearchDecoder, DecodingTask, Naming
 from captioner.visual import VisualWords, unfamiliar_note
 from captioner.weights import HEAD_FILE, VISUAL_SETTINGS_FILE, WeightsError, read_folder
+from tests import reference_decoding
 from tests.conftest import EXAMPLES, FLICKR8K, ROOT, SHARED
 from training import visual
 from training.convert_encoder import wheel_file
@@ -168,6 +169,28 @@ def test_constrained_beam_search_finds_captions_at_least_as_likely_as_forcing_th
     assert "coffee" in task.words.decode(named[0].tokens).split()
     (forced,) = bundled.decoding_task(DecodingOptions(prefix="a coffee")).run(coffee)
     assert named[0].score >= forced[0].score - 1e-6
+
+
+@pytest.mark.parametrize("options", [DecodingOptions(name_objects=True), DecodingOptions("greedy", name_objects=True),
+                                     DecodingOptions("beam", beam_width=3, length_penalty=0.0, name_objects=True)], ids=str)
+def test_the_constrained_decoder_agrees_with_the_search_written_out(bundled, example_features, tiny_captioner, options):
+    """The decoder fills each set from its captions' 2k best candidates and the arriving ones, for all images at
+    once; tests/reference_decoding.py fills it from every candidate, one image at a time: the same captions."""
+    naming = tiny_naming(tiny_captioner, [["cat"], ["ball", "water"], ["zebra"]])
+    tiny_features = np.random.default_rng(0).random((3, tiny_captioner.config.feature_dim)).astype(np.float32) * 3
+    cases = [(tiny_captioner.vocab, naming, tiny_features, np.array([[0.9, 0.7, 0], [0, 0, 0.9], [0.6, 0, 0.6]]), 9)]
+    names = ["coffee.jpg", "rocket_launch.jpg", "cat.jpg"]  # one group; two (platform, missile); a cat
+    features = np.stack([example_features[name] for name in names])
+    cases.append((bundled.vocab, bundled.naming, features, bundled.head.probabilities(features), bundled.config.max_new_tokens))
+    for vocab, naming, features, probabilities, budget in cases:
+        task = DecodingTask(naming.model, vocab, options, budget, naming)
+        found = task.run(features, class_probabilities=probabilities)
+        for i, groups in enumerate(naming.visual_words.required(probabilities)):
+            assert groups, "every photo here has words to name"
+            expected = reference_decoding.constrained_beam_search_decode(
+                naming.model, vocab, naming.vocab, naming.model.project_image(features[i : i + 1]), groups, options, budget)
+            assert [h.tokens for h in found[i]] == [h.tokens for h in expected]
+            np.testing.assert_allclose([h.log_prob for h in found[i]], [h.log_prob for h in expected], rtol=1e-5)  # float32 steps
 
 
 def test_the_constrained_decoder_keeps_an_images_beams_per_set_of_named_groups(tiny_captioner):

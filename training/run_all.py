@@ -3,7 +3,7 @@
     prepare -> glove -> convert_encoder -> features -> train -> self_critical -> evaluate -> export_encoder -> model_card
 
     python -m training.run_all [--data ../shared/flickr8k] [--work-dir artifacts] [--out weights]
-        [--encoder efficientnet_lite0] [--random-encoder] [--limit N] [--epochs E] [--scst-epochs S] [--skip-eval]
+        [--encoder efficientnet_lite0] [--random-encoder] [--limit N] [--epochs E] [--scst-epochs S] [--seed N] [--skip-eval]
     python -m training.run_all --dataset karpathy --data dataset_flickr30k.json --images flickr30k-images --work-dir artifacts-f30k --out weights-f30k
     python -m training.run_all --dataset csv --data captions.csv --images photos --init-from weights --out weights-mine
 
@@ -66,6 +66,8 @@ class RunConfig:
     learning_rate: float | None = option(None, f"cross-entropy's Adam learning rate (default: {train.TrainConfig.learning_rate:g}, "
                                                f"fine-tuning {finetune.LEARNING_RATE:g})")
     flip: bool = option(False, "also train on the mirrored training images")
+    seed: int = option(train.TrainConfig.seed, "seeds both trainings (weights, batches, samples): runs that differ only "
+                                               "by it are an ensemble's members (training/evaluate_ensemble.py)")
     scst_epochs: int = option(scst.SelfCriticalConfig.epochs, "self-critical epochs at most; 0 skips self-critical training")
     workers: int | None = option(None, "threads decoding images for the features (default: one per CPU)")
     skip_eval: bool = option(False, "stop after training")
@@ -98,10 +100,11 @@ def steps(run: RunConfig) -> list[tuple[str, callable, object]]:
         ("features", features.extract_features, features.FeaturesConfig(work, encoder, run.random_encoder, run.flip,
                                                                          encoder_file, run.workers)),
         ("train", train.train, train.TrainConfig(work, out, encoder, run.epochs, run.batch_size, run.patience, flip=run.flip,
-                                                 learning_rate=learning_rate, init_from=run.init_from)),
+                                                 learning_rate=learning_rate, seed=run.seed, init_from=run.init_from)),
     ]
     if run.scst_epochs:
-        planned.append(("self_critical", scst.self_critical, scst.SelfCriticalConfig(work, out, out, epochs=run.scst_epochs)))
+        planned.append(("self_critical", scst.self_critical, scst.SelfCriticalConfig(work, out, out, epochs=run.scst_epochs,
+                                                                                     seed=run.seed)))
     if not run.skip_eval:
         planned.append(("evaluate", evaluate.evaluate, evaluate.EvaluateConfig(out, work, no_meteor=run.no_meteor)))
     # The folder's encoder as an OpenVINO model (int8 by default), for the folders that carry their encoder's weights.
