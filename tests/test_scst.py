@@ -22,8 +22,8 @@ from captioner.weights import HISTORY_FILE, WEIGHTS_FILE, read_folder
 from tests.conftest import FLICKR8K, TINY_WORDS
 from tests.test_training import needs_flickr8k, needs_imagenet_mobilenet
 from training.cider import CiderD
-from training.scst import (SelfCriticalConfig, SelfCriticalStep, leave_one_out_advantages, sample_captions,
-                           self_critical, teacher_forcing_inputs, words_per_caption)
+from training.scst import (CaptionReward, SelfCriticalConfig, SelfCriticalStep, leave_one_out_advantages,
+                           sample_captions, self_critical, teacher_forcing_inputs, words_per_caption)
 
 # ---- CIDEr-D, the reward ---------------------------------------------------------------------------------
 
@@ -101,6 +101,28 @@ def test_each_samples_baseline_is_the_mean_reward_of_its_images_other_samples():
     np.testing.assert_allclose(advantages.sum(axis=1), 0.0)  # the baseline is unbiased: advantages cancel out
     # The ordering of rewards is kept: the best sample is pushed up most.
     assert list(np.argsort(advantages[0])) == [0, 1, 2, 3]
+
+
+def test_with_reward_end_a_caption_is_rewarded_for_where_it_ends():
+    """Without it, a caption scores its words alone: stopping at the token budget, or on "... on the" (a caption
+    cut short, the n-grams it has all in the references), costs nothing for stopping there. With it, <end> is a
+    word on both sides: the same words ended as the references end score more than the budget's cut, and a
+    caption that stops mid-phrase loses the n-grams of a proper ending."""
+    vocab = Vocabulary(TINY_WORDS)
+    # Other images' references: document frequencies need more than one image.
+    references = [["a dog runs on the grass", "a dog is running on the grass"], ["a man is in the water"],
+                  ["a red ball on the grass"], ["a cat with a blue ball"]]
+    def tokens(caption: str, ended: bool) -> tuple[np.ndarray, int]:
+        ids = [vocab.stoi[w] for w in caption.split()] + ([vocab.end_id] if ended else [])
+        return np.array(ids + [vocab.pad_id] * (12 - len(ids))), len(ids)
+    captions = [tokens("a dog runs on the grass", True), tokens("a dog runs on the grass", False),
+                tokens("a dog runs on the", True)]
+    batch, lengths = np.stack([t for t, _ in captions]), np.array([n for _, n in captions])
+    plain = CaptionReward(references, vocab, end=False)(batch, lengths, np.zeros(3, np.int64))
+    ended = CaptionReward(references, vocab, end=True)(batch, lengths, np.zeros(3, np.int64))
+    assert plain[0] == plain[1]  # its words alone: where it stopped doesn't count
+    assert ended[0] > ended[1]
+    assert ended[2] / ended[0] < plain[2] / plain[0]  # stopping mid-phrase costs more
 
 
 def tiny_model(seed: int = 0, sharpen_forbidden: bool = False):

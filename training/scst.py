@@ -37,6 +37,7 @@ import hashlib
 import json
 import shutil
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,6 +72,8 @@ class SelfCriticalConfig:
     learning_rate: float = option(1.5e-4, "Adam's learning rate")
     dropout: bool = option(False, "keep dropout on in the gradient pass (the samples come from the dropout-free model)")
     seed: int = option(1234, "seeds the samples' order and draws, and dropout")
+    reward_end: bool = option(False, "score <end> as a word of the caption and of its references, so that a "
+                                     "caption rewarded for its n-grams must also end where captions end")
 
     def __post_init__(self):
         if self.samples_per_image < 2:
@@ -82,7 +85,7 @@ class SelfCriticalConfig:
 # The gradient pass runs the batch's captions in this many groups of similar length (see SelfCriticalStep).
 GRADIENT_CHUNKS = 3
 # What decides each epoch's work (not where the run stops): a run resumes only under the same values.
-TRAJECTORY_SETTINGS = ("samples_per_image", "images_per_batch", "learning_rate", "dropout", "seed")
+TRAJECTORY_SETTINGS = ("samples_per_image", "images_per_batch", "learning_rate", "dropout", "seed", "reward_end")
 # The samples come from the model's whole distribution, with no temperature and no nucleus: the gradient pass
 # scores them under that distribution, so the policy gradient is that of the policy sampled.
 SAMPLING = DecodingOptions("sample", temperature=1.0, top_p=1.0)
@@ -119,6 +122,22 @@ def words_per_caption(tokens: np.ndarray, lengths: np.ndarray, vocab: Vocabulary
     """The words of each sampled caption: its tokens less the final <end>."""
     ended = tokens[np.arange(len(tokens)), lengths - 1] == vocab.end_id
     return lengths - ended
+
+
+class CaptionReward:
+    """The reward of sampled captions: CIDEr-D against their images' references (training/cider.py), in the
+    model's words. end: <end> counts as a word on both sides (SelfCriticalConfig.reward_end), so the n-grams
+    that end a caption are scored too: without it, a caption that stops on "... sitting on a" loses nothing for
+    stopping there, and self-critical training learns such endings."""
+
+    def __init__(self, references: Iterable[Sequence[str]], vocab: Vocabulary, end: bool):
+        self.vocab, self.end = vocab, end
+        ending = [vocab.itos[vocab.end_id]] if end else []
+        self.cider = CiderD([[" ".join(normalize_caption(c) + ending) for c in captions] for captions in references], vocab.itos)
+
+    def __call__(self, tokens: np.ndarray, lengths: np.ndarray, images: np.ndarray) -> np.ndarray:
+        """tokens (n, t) and lengths (n,) as sample_captions returns them; images (n,): each one's references."""
+        return self.cider.score_ids(tokens, lengths if self.end else words_per_caption(tokens, lengths, self.vocab), images)
 
 
 def teacher_forcing_inputs(tokens: np.ndarray, lengths: np.ndarray, vocab: Vocabulary):
@@ -268,7 +287,7 @@ def self_critical(config: SelfCriticalConfig) -> dict:
                          f"the model in {weights} takes {model_config.feature_dim}")
     # The reward's references and document frequencies: every training image's captions, in the model's words.
     train_split = dataset["splits"]["train"]
-    reward = CiderD([[" ".join(normalize_caption(c)) for c in captions] for captions in train_split.values()], vocab.itos)
+    reward = CaptionReward(train_split.values(), vocab, config.reward_end)
     reward_row = {name: row for row, name in enumerate(train_split)}
     reward_image = np.array([reward_row[name] for name in train_names], dtype=np.int64)
     dev = DevCaptionScores(vocab, model_config, dev_features, [dataset["splits"]["dev"][name] for name in dev_names])
@@ -324,7 +343,7 @@ def stopping(state: dict, config: SelfCriticalConfig) -> bool:
     return state["epochs_done"] >= config.epochs or state["epochs_done"] - state["best_epoch"] >= config.patience
 
 
-def train_epoch(model, step: SelfCriticalStep, vocab: Vocabulary, reward: CiderD, features: np.ndarray,
+def train_epoch(model, step: SelfCriticalStep, vocab: Vocabulary, reward: CaptionReward, features: np.ndarray,
                 reward_image: np.ndarray, model_config: ModelConfig, config: SelfCriticalConfig, epoch: int) -> float:
     """One pass over the training images in a seeded random order; -> the mean reward of the samples."""
     rng = np.random.default_rng([config.seed, epoch])  # per epoch: a resumed run draws what it would have drawn
@@ -336,7 +355,7 @@ def train_epoch(model, step: SelfCriticalStep, vocab: Vocabulary, reward: CiderD
         for batch in progress:
             # A new StepModel each batch: the weights change with every update.
             tokens, lengths = sample_captions(StepModel(model), vocab, features[batch], k, model_config.max_new_tokens, rng)
-            scores = reward.score_ids(tokens, words_per_caption(tokens, lengths, vocab), np.repeat(reward_image[batch], k))
+            scores = reward(tokens, lengths, np.repeat(reward_image[batch], k))
             advantages = leave_one_out_advantages(scores.reshape(-1, k)).ravel()
             step(np.repeat(features[batch], k, axis=0), tokens, lengths, advantages, vocab)
             rewards.append(scores)
@@ -383,6 +402,7 @@ def write_output(weights: Path, out: Path, run: RunState, state: dict, config: S
         "dev_cider_start": round(scst["scst_dev_cider"][0], 4), "dev_cider_at_best_epoch": round(scst["scst_dev_cider"][best], 4),
         "dev_bleu4_at_best_epoch": round(scst["scst_dev_bleu4"][best], 4),
         "seed": config.seed, "train_seconds": round(sum(scst["scst_seconds"]), 1),
+        "reward_end": config.reward_end,
     }
     content.setdefault("training", {})["self_critical"] = facts
     content["files"] = {name: sha256(out / name) for name in content["files"]}
