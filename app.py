@@ -5,7 +5,8 @@ What an event does is `webapp.handlers.CaptionPage`'s; all captioning logic live
 
 With no flags it loads what `Captioner.from_pretrained()` finds ($CAPTIONER_REPO, else the bundled
 weights/), and Gradio reads GRADIO_SERVER_NAME / GRADIO_SERVER_PORT itself (Hugging Face Spaces sets
-them). Without trained weights the page still opens and says how to get them.
+them). Without trained weights the page still opens and says how to get them. Beside that default, the
+page offers the bundled ResNet50 and the ensemble of the two, loaded when first chosen (webapp/models.py).
 
 Robustness notes:
 * The caption events run with `preprocess=False`, so the handlers receive Gradio's raw payload, and
@@ -42,6 +43,7 @@ from captioner.decoding import (
 from captioner.image import IMAGE_SUFFIXES, MAX_FILE_BYTES
 from webapp import middleware, traffic
 from webapp.handlers import BATCH_HEADERS, CANDIDATE_HEADERS, MAX_BATCH_FILES, METHOD_CHOICES, NOT_LOADED, CaptionPage
+from webapp.models import DEFAULT, ModelChoice, bundled_choices
 
 log = logging.getLogger("app")
 
@@ -73,6 +75,7 @@ CSS = """
 #seen { font-size: 1rem; }
 #model-notice { border-left: 4px solid #d97706; padding: 0.5rem 1rem; background: rgba(217, 119, 6, 0.08); }
 #facts { font-size: 0.9rem; opacity: 0.85; }
+#model-status { font-size: 0.9rem; }
 #words .textfield { font-size: 1.25rem; line-height: 2.2; }
 /* gr.HighlightedText shades a score in red; turned to the theme's indigo. */
 #words .token.highlighted { cursor: pointer; filter: hue-rotate(250deg); }
@@ -172,9 +175,13 @@ def decoding_settings(default_max_length: int) -> dict:
             "seed": seed, "name_objects": name_objects}
 
 
-def build_demo(captioner: Captioner | None, unavailable_reason: str | None = None) -> gr.Blocks:
-    """The Blocks app around `captioner`; with None, a page explaining `unavailable_reason`."""
-    page = CaptionPage(captioner, example_images(), unavailable_reason)
+def build_demo(captioner: Captioner | None, unavailable_reason: str | None = None,
+               more_models: list[ModelChoice] | None = None) -> gr.Blocks:
+    """The Blocks app around `captioner`, the default model, and `more_models` to choose from (None: the bundled
+    ResNet50 and ensemble); with no captioner, a page explaining `unavailable_reason`."""
+    if more_models is None:
+        more_models = bundled_choices(captioner) if captioner is not None else []
+    page = CaptionPage(captioner, example_images(), unavailable_reason, more_models=more_models)
     default_max_length = captioner.config.max_new_tokens if captioner else FALLBACK_MAX_LENGTH
 
     with gr.Blocks(title="Image captioner", **middleware.BLOCKS_OPTIONS) as demo:
@@ -184,12 +191,13 @@ def build_demo(captioner: Captioner | None, unavailable_reason: str | None = Non
         )
         if captioner is None:
             gr.Markdown(f"**{NOT_LOADED}** {page.notice}", elem_id="model-notice")
+        model, model_status = model_choice(page)
 
         with gr.Tabs():
             with gr.Tab("One photo", id="one-photo", elem_id="one-photo"):
-                one_photo_tab(page, default_max_length)
+                one_photo_tab(page, default_max_length, model, model_status)
             with gr.Tab("Many photos", id="many-photos", elem_id="many-photos"):
-                many_photos_tab(page, default_max_length)
+                many_photos_tab(page, default_max_length, model, model_status)
 
         if CREDITS_FILE.is_file():
             with gr.Accordion("Example image credits", open=False):
@@ -199,11 +207,30 @@ def build_demo(captioner: Captioner | None, unavailable_reason: str | None = Non
             elem_id="credits-note",
         )
 
+        # A model another visitor found can't be loaded here is marked so in the menu from the start.
+        demo.load(page.model_menu, None, model, api_visibility="private", queue=False, show_progress="hidden")
+
     demo.queue(default_concurrency_limit=CONCURRENCY, max_size=QUEUE_SIZE, **middleware.QUEUE_OPTIONS)
     return demo
 
 
-def one_photo_tab(page: CaptionPage, default_max_length: int) -> None:
+def model_choice(page: CaptionPage) -> tuple[gr.Dropdown, gr.Markdown]:
+    """The model menu above both tabs (the default first and chosen) and the line about the chosen model. Hidden
+    when there is only the one model; it stays an input, so the API's `model` parameter is always there."""
+    choices = page.models.menu() if page.models is not None else []
+    with gr.Row(equal_height=False, visible=len(choices) > 1):
+        model = gr.Dropdown(
+            choices, value=DEFAULT if choices else None, label="Model", elem_id="model", scale=1, filterable=False,
+            info="Test CIDEr: each model's score on Flickr8k's test photos (higher is better). The default is "
+                 "loaded; the others load when first chosen (a few seconds).",
+        )
+        status = gr.Markdown(page.model_status(), elem_id="model-status")
+    model.change(page.model_status, model, status, api_visibility="private", queue=False, preprocess=False,
+                 show_progress="hidden")
+    return model, status
+
+
+def one_photo_tab(page: CaptionPage, default_max_length: int, model: gr.Dropdown, model_status: gr.Markdown) -> None:
     """One photo: its caption word by word, where the model looked for each word, the beam's candidates."""
     with gr.Row(equal_height=False):
         with gr.Column(scale=1):
@@ -250,20 +277,27 @@ def one_photo_tab(page: CaptionPage, default_max_length: int) -> None:
             word = gr.Number(None, visible=False, label="word")  # the API's choice of heatmap; the page's: none
 
     view = [caption, words, heatmap, heat_note, candidates, facts, seen, seen_data, explained]
-    cleared = ("", [], None, "", [], page.facts, "", None, None)
+
+    def cleared(chosen):  # the view with no photo: the chosen model's facts line
+        return "", [], None, "", [], page.facts_for(chosen), "", None, None
+
+    def failed(chosen):  # and the model's menu and line again: a model that just failed to load is marked so
+        return *cleared(chosen), page.model_menu(), page.model_status(chosen)
+
     # No spinner or error badge on the one-line facts: it would cover the text.
     shown = button.click(
-        page.explain, inputs(page.explain, image=image, word=word, **settings), view, api_name="explain",
+        page.explain, inputs(page.explain, image=image, word=word, model=model, **settings), view, api_name="explain",
         preprocess=False, show_progress_on=[caption, words, heatmap, candidates],
     )
     # After an error, the last photo's view goes: it belongs to another image.
-    shown.failure(lambda: cleared, None, view, api_visibility="private", queue=False, show_progress="hidden")
-    image.clear(lambda: cleared, None, view, api_visibility="private", queue=False, show_progress="hidden")
+    shown.failure(failed, model, [*view, model, model_status], api_visibility="private", queue=False,
+                  show_progress="hidden", preprocess=False)
+    image.clear(cleared, model, view, api_visibility="private", queue=False, show_progress="hidden", preprocess=False)
     words.select(page.show_word, explained, [heatmap, heat_note], api_visibility="private", show_progress="hidden")
     # /caption, for API clients: the caption and candidates without the explanation. Not on the page.
     api_only = gr.Button(visible=False)
-    api_only.click(page.caption, inputs(page.caption, image=image, **settings), [caption, candidates, facts, seen_data],
-                   api_name="caption", preprocess=False)
+    api_only.click(page.caption, inputs(page.caption, image=image, model=model, **settings),
+                   [caption, candidates, facts, seen_data], api_name="caption", preprocess=False)
 
     if page.examples:
         # Not gr.Examples: it registers a second endpoint that runs gr.Image's preprocessing on any path.
@@ -273,13 +307,14 @@ def one_photo_tab(page: CaptionPage, default_max_length: int) -> None:
             label="Examples (click one)",
         )
         clicked = gallery.click(
-            page.explain_example, inputs(page.explain_example, index=gallery, **settings), [image, *view],
+            page.explain_example, inputs(page.explain_example, index=gallery, model=model, **settings), [image, *view],
             api_visibility="private", preprocess=False, show_progress_on=[caption, words, heatmap, candidates],
         )
-        clicked.failure(lambda: cleared, None, view, api_visibility="private", queue=False, show_progress="hidden")
+        clicked.failure(failed, model, [*view, model, model_status], api_visibility="private", queue=False,
+                        show_progress="hidden", preprocess=False)
 
 
-def many_photos_tab(page: CaptionPage, default_max_length: int) -> None:
+def many_photos_tab(page: CaptionPage, default_max_length: int, model: gr.Dropdown, model_status: gr.Markdown) -> None:
     """Many photos: a gallery of captions, a table of every file with its caption or why it has none, downloads."""
     with gr.Row(equal_height=False):
         with gr.Column(scale=1):
@@ -302,10 +337,13 @@ def many_photos_tab(page: CaptionPage, default_max_length: int) -> None:
             downloads = gr.File(
                 label="Download the captions", elem_id="batch-downloads", interactive=False, file_count="multiple",
             )
-    button.click(
-        page.caption_many, inputs(page.caption_many, files=files, **settings), [gallery, summary, table, downloads],
-        api_name="caption_many", preprocess=False, concurrency_limit=BATCH_CONCURRENCY, show_progress_on=[gallery],
+    done = button.click(
+        page.caption_many, inputs(page.caption_many, files=files, model=model, **settings),
+        [gallery, summary, table, downloads], api_name="caption_many", preprocess=False,
+        concurrency_limit=BATCH_CONCURRENCY, show_progress_on=[gallery],
     )
+    done.failure(lambda chosen: (page.model_menu(), page.model_status(chosen)), model, [model, model_status],
+                 api_visibility="private", queue=False, show_progress="hidden", preprocess=False)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

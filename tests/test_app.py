@@ -15,9 +15,9 @@ import app
 from benchmarks.app_process import running_app
 
 # The decoding settings every endpoint takes after its image: the first five in the order API clients have always
-# passed them, then the ones added later (optional).
+# passed them, then the ones added later (optional), then the model choice (tests/test_model_choice.py).
 SETTINGS = ["method", "beam_width", "max_length", "length_penalty", "prefix", "no_repeat_ngram_size", "temperature",
-            "top_p", "seed", "name_objects"]
+            "top_p", "seed", "name_objects", "model"]
 
 
 @pytest.fixture(scope="module")

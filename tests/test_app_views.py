@@ -174,7 +174,7 @@ def test_many_photos_refuses_too_many_or_none(client, tmp_path, example_images):
 def test_the_api_documents_the_new_endpoints(client):
     endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
     parameters = {name: [p["parameter_name"] for p in endpoints[name]["parameters"]] for name in ("/explain", "/caption_many")}
-    added = ["no_repeat_ngram_size", "temperature", "top_p", "seed", "name_objects"]  # after the ones API clients already pass
+    added = ["no_repeat_ngram_size", "temperature", "top_p", "seed", "name_objects", "model"]  # after the ones API clients already pass
     assert parameters == {
         "/explain": ["image", "method", "beam_width", "max_length", "length_penalty", "prefix", "word", *added],
         "/caption_many": ["files", "method", "beam_width", "max_length", "length_penalty", "prefix", *added],

@@ -141,6 +141,41 @@ def test_the_caption_word_by_word_and_where_each_word_came_from(page, problems, 
     assert not problems
 
 
+def test_the_model_menu(page, problems, example_images):
+    """The menu above the tabs: the default first and chosen; ResNet50 and the ensemble load when first chosen, or,
+    where this machine can't load them (no TensorFlow, no ResNet50 weights), the page says what to install."""
+    menu, status = page.locator("#model input"), page.locator("#model-status")
+    expect(menu).to_have_value(re.compile(r"^MobileNetV2 \(default\)"))
+    expect(status).to_contain_text("MobileNetV2 (default)")
+    menu.click()
+    expect(page.get_by_role("option")).to_have_count(3)
+    page.get_by_role("option", name=re.compile(r"^ResNet50")).click()
+    expect(status).to_contain_text("The reference recipe")
+    caption_upload(page, example_images[1])
+    facts, toast = page.locator("#facts"), page.locator("[data-testid=toast-body].error")
+    expect(facts.filter(has_text="this caption took").or_(toast)).to_be_visible(**WAIT)
+    if toast.is_visible():
+        expect(toast).to_contain_text("ResNet50 can't be loaded on this server")
+        expect(toast).to_contain_text("pip install -r training/requirements.txt")
+        expect(menu).to_have_value(re.compile(r"can't be loaded here"), **WAIT)
+        screenshot(page, "model_unavailable")
+        assert not problems
+        return
+    expect(facts).to_contain_text("ResNet50 \u00b7 Encoder resnet50")  # the facts name the model that captioned
+    assert caption_text(page) and words(page) == caption_text(page).split()
+    expect(page.locator("#heat-note")).to_contain_text("Where the model looked for")
+
+    menu.click()
+    page.get_by_role("option", name=re.compile(r"ensemble")).click()
+    expect(status).to_contain_text("choosing each word together")
+    one_photo(page).get_by_role("button", name="Caption this photo").click()
+    expect(facts).to_contain_text("Lite0 + ResNet50 ensemble \u00b7 Encoders", **WAIT)
+    expect(page.locator("#heat-note")).to_contain_text("Where the ensemble's EfficientNet-Lite0 member looked for")
+    expect(page.locator("#seen")).to_contain_text("The image classifier sees:")  # Lite0's classifier
+    screenshot(page, "model_choice")
+    assert not problems
+
+
 def test_a_prompt_starts_the_caption(page, problems, example_images):
     one_photo(page).get_by_label("Start the caption with").fill("A dog")
     caption_upload(page, example_images[3])

@@ -95,16 +95,16 @@ def test_sampling_options():
 
 def test_the_handlers_parameters_are_the_apis():
     """Gradio names an endpoint's parameters after its handler's; the settings come in the same order everywhere,
-    and /explain's `word` stays 7th, where API clients have always passed it."""
+    /explain's `word` stays 7th, where API clients have always passed it, and the model choice comes last."""
     settings = ["method", "beam_width", "max_length", "length_penalty", "prefix", "no_repeat_ngram_size", "temperature",
                 "top_p", "seed", "name_objects"]
     parameters = {name: list(inspect.signature(getattr(CaptionPage, name)).parameters)[1:]
                   for name in ("caption", "explain", "explain_example", "caption_many")}
     assert parameters == {
-        "caption": ["image", *settings],
-        "explain": ["image", *settings[:5], "word", *settings[5:]],
-        "explain_example": ["index", *settings],
-        "caption_many": ["files", *settings, "progress"],
+        "caption": ["image", *settings, "model"],
+        "explain": ["image", *settings[:5], "word", *settings[5:], "model"],
+        "explain_example": ["index", *settings, "model"],
+        "caption_many": ["files", *settings, "model", "progress"],
     }
     assert list(inspect.signature(decoding_options).parameters) == settings
 

@@ -8,4 +8,6 @@ around captioning. The captioner library (captioner/) knows nothing of it.
 * middleware.py: `RequestLimits`, the ASGI middleware that bounds every request before Gradio reads it,
   and the Gradio settings that go with it.
 * many_photos.py: the "Many photos" tab's work: up to a few dozen uploads captioned, CSV and JSON results.
+* models.py: `ModelChoices`, the models a request may choose (the default, the bundled ResNet50 and ensemble), each
+  loaded on first use, and `EnsembleModel`, an ensemble with what the handlers use of a Captioner.
 """

@@ -2,12 +2,15 @@
 a caption into what the page shows. No layout here (app.py), and no Gradio server needed to call them:
 
     page = CaptionPage(captioner, examples)             # starts the decode workers (webapp.uploads.RequestImages)
-    caption, candidates, facts = page.caption(upload, "beam", 5)
+    caption, candidates, facts, seen = page.caption(upload, "beam", 5)
     gallery, summary, table, downloads = page.caption_many([upload, ...], "greedy")
+    page = CaptionPage(captioner, examples, more_models=bundled_choices(captioner))   # a model choice (webapp/models.py)
+    caption, *_ = page.caption(upload, "beam", 5, model="resnet50")                     # loaded on first use
 
 Each handler takes the request's values as Gradio sends them with preprocess=False (file objects, numbers,
 strings; None for a value not given) and turns the decoding settings into one `DecodingOptions` on its first
-line. Its parameters are the API's: Gradio names an endpoint's parameters after its function's, in order.
+line, then asks `ModelChoices` for the model the request chose (`model`: None is the default). Its parameters are
+the API's: Gradio names an endpoint's parameters after its function's, in order.
 A request the app can't serve raises gr.Error with a sentence for the user (see `user_facing`).
 """
 
@@ -34,6 +37,7 @@ from captioner.visual import unfamiliar_note
 
 from . import uploads
 from .many_photos import caption_photos, read_once, write_csv, write_json
+from .models import EnsembleModel, ModelChoice, ModelChoices
 from .sessions import KEPT_VIEWS, VIEW_GONE
 from .uploads import RequestError, RequestImages
 
@@ -115,18 +119,20 @@ def user_error(message: str) -> gr.Error:
 
 
 class CaptionPage:
-    """The page's handlers around one captioner (None: every request is answered with why there is none).
+    """The page's handlers around the default captioner (None: every request is answered with why there is none)
+    and the other models a request may choose (`more_models`, loaded on first use: webapp/models.py).
 
     images: how a request's image becomes pixels (default: RequestImages over Gradio's upload cache and `examples`,
-    which starts the decode workers once, here).
+    which starts the decode workers once, here); a model with another input size gets its own, on the same workers.
     """
 
     def __init__(self, captioner: Captioner | None, examples: Sequence[str] = (), unavailable_reason: str | None = None,
-                 images: RequestImages | None = None):
+                 images: RequestImages | None = None, more_models: Sequence[ModelChoice] = ()):
         self.captioner = captioner
         self.examples = [str(path) for path in examples]
         if captioner is None:
             self.images = None
+            self.models = None
             self.description = None
             # Why there's no model and what to do. "No trained weights" errors already say how to get them;
             # the others (damaged files, the Hub unreachable) don't.
@@ -134,58 +140,106 @@ class CaptionPage:
             self.notice = reason if "training.run_all" in reason else f"{reason} {FIX_WEIGHTS_HINT}"
         else:
             self.images = images or RequestImages(captioner.encoder.input_size, self.examples)
+            self._images_by_size = {tuple(self.images.input_size): self.images}
+            self.models = ModelChoices(captioner, more_models)
             self.description = captioner.description
             self.notice = None
-        self.facts = model_facts(self.description) if self.description else ""  # the facts line before any caption
+        self.facts = self.facts_for(None)  # the facts line before any caption: the default model's
+
+    # ---- the model a request chose ----------------------------------------------------------------
+
+    def _images_for(self, model) -> RequestImages:
+        """The decode workers' pixels at `model`'s input size."""
+        size = tuple(model.input_size if isinstance(model, EnsembleModel) else model.encoder.input_size)
+        if size not in self._images_by_size:
+            self._images_by_size[size] = RequestImages(size, self.examples, self.images.pool, self.images.upload_dir)
+        return self._images_by_size[size]
+
+    def facts_for(self, model=None) -> str:
+        """The facts line for a model chosen but not used yet (the page's start, a cleared view): its name and
+        scores, and, until it is loaded, that it loads on first use. An unknown name: the default's."""
+        if self.models is None:
+            return ""
+        try:
+            choice = self.models.choice(model)
+        except ValueError:
+            choice = self.models.default
+        if choice.is_loaded:
+            return model_facts(choice.model().description, name=choice.label)
+        scores = score_summary(choice.metrics)
+        state = "can't be loaded here" if choice.failure else "loads when first used"
+        return " \u00b7 ".join(part for part in (f"**{choice.label}**", scores, state) if part)
+
+    def model_status(self, model=None) -> str:
+        """The line beside the model menu: what the chosen model is (and can't do), and why it can't be loaded here once it
+        has failed to."""
+        if self.models is None:
+            return ""
+        try:
+            return self.models.choice(model).status()
+        except ValueError:
+            return ""
+
+    def model_menu(self):
+        """The dropdown's choices again: a model that failed to load is marked so."""
+        return gr.update(choices=self.models.menu()) if self.models is not None else gr.update()
 
     @user_facing
     def caption(self, image, method=None, beam_width=None, max_length=None, length_penalty=None, prefix=None,
-                no_repeat_ngram_size=None, temperature=None, top_p=None, seed=None, name_objects=None):
-        """Caption one image. method: 'greedy', 'beam' or 'sample'; prefix: words the caption must start with.
-        Returns the caption, the candidates table, facts and what the encoder sees (seen_data: objects, familiar)."""
+                no_repeat_ngram_size=None, temperature=None, top_p=None, seed=None, name_objects=None, model=None):
+        """Caption one image. method: 'greedy', 'beam' or 'sample'; prefix: words the caption must start with;
+        model: which of the page's models (None: the default). Returns the caption, the candidates table, facts
+        and what the encoder sees (seen_data: objects, familiar)."""
         options = decoding_options(method, beam_width, max_length, length_penalty, prefix, no_repeat_ngram_size,
                                    temperature, top_p, seed, name_objects)
+        choice, captioner = self.models.get(model)  # loaded on first use: not counted in the caption's time
         start = time.perf_counter()
         # The decode worker's pixels go straight to the encoder (Captioner.encode_pixels), as a batch of one.
-        result = self.captioner.caption_pixels(self.images.upload(image)[None], options)[0]
+        result = captioner.caption_pixels(self._images_for(captioner).upload(image)[None], options)[0]
         seconds = time.perf_counter() - start
-        log.info("%s caption in %.2f s: %s", options.method, seconds, result.text)
-        return result.text, candidate_rows(result), model_facts(self.description, seconds), seen_data(result)
+        log.info("%s %s caption in %.2f s: %s", choice.name, options.method, seconds, result.text)
+        return result.text, candidate_rows(result), model_facts(captioner.description, seconds, choice.label), seen_data(result)
 
     @user_facing
     def explain(self, image, method=None, beam_width=None, max_length=None, length_penalty=None, prefix=None,
-                word=None, no_repeat_ngram_size=None, temperature=None, top_p=None, seed=None, name_objects=None):
+                word=None, no_repeat_ngram_size=None, temperature=None, top_p=None, seed=None, name_objects=None,
+                model=None):
         """Caption one image and explain each word. word: which word's heatmap to draw (its position from 0;
         default: the first word that names something); it comes before the settings added later, where API
         clients already pass it. Returns the caption, its words with their probabilities, the photo with that
         word's heatmap and a line saying which word it is, the candidates table, facts and what the session
         keeps for clicks on the words; after the facts, what the encoder sees, as a sentence and as data (objects,
-        familiar)."""
+        familiar). model: as caption's (an ensemble's words are its heaviest member's view of its caption)."""
         options = decoding_options(method, beam_width, max_length, length_penalty, prefix, no_repeat_ngram_size,
                                    temperature, top_p, seed, name_objects)
+        choice, captioner = self.models.get(model)
         start = time.perf_counter()
-        return self._view(*self.images.upload(image, OVERLAY_MAX_SIDE), options, word, start)
+        return self._view(*self._images_for(captioner).upload(image, OVERLAY_MAX_SIDE), options, word, start, choice, captioner)
 
     @user_facing
     def explain_example(self, index, method=None, beam_width=None, max_length=None, length_penalty=None, prefix=None,
-                        no_repeat_ngram_size=None, temperature=None, top_p=None, seed=None, name_objects=None):
+                        no_repeat_ngram_size=None, temperature=None, top_p=None, seed=None, name_objects=None,
+                        model=None):
         """A click in the example gallery: only the example's index comes from the page -> the photo and its view."""
         options = decoding_options(method, beam_width, max_length, length_penalty, prefix, no_repeat_ngram_size,
                                    temperature, top_p, seed, name_objects)
+        choice, captioner = self.models.get(model)
         start = time.perf_counter()
-        view = self._view(*self.images.example(index, OVERLAY_MAX_SIDE), options, None, start)
+        view = self._view(*self._images_for(captioner).example(index, OVERLAY_MAX_SIDE), options, None, start, choice, captioner)
         return self.examples[index], *view
 
-    def _view(self, pixels, display, options: DecodingOptions, word, start: float) -> tuple:
+    def _view(self, pixels, display, options: DecodingOptions, word, start: float, choice: ModelChoice, captioner) -> tuple:
         """The page's view of one photo: pixels, the encoder's square copy; display, the photo as it is (aspect
         kept) to draw on."""
-        explanation = self.captioner.explain_pixels(pixels, display, options=options)
+        explanation = captioner.explain_pixels(pixels, display, options=options)
         shown = chosen_word(word, explanation)
-        kept = ExplainedPhoto.of(explanation, explanation.image)
+        # An ensemble's heatmaps are one member's (Grad-CAM follows one network): the label says whose.
+        looker = captioner.explained_by if isinstance(captioner, EnsembleModel) else "the model"
+        kept = ExplainedPhoto.of(explanation, explanation.image, looker)
         seconds = time.perf_counter() - start
-        log.info("%s caption explained in %.2f s: %s", options.method, seconds, explanation.text)
+        log.info("%s %s caption explained in %.2f s: %s", choice.name, options.method, seconds, explanation.text)
         return (explanation.text, word_highlights(explanation), kept.overlay(shown), kept.label(shown),
-                candidate_rows(explanation.caption), model_facts(self.description, seconds),
+                candidate_rows(explanation.caption), model_facts(captioner.description, seconds, choice.label),
                 seen_note(explanation.caption), seen_data(explanation.caption), kept)
 
     @staticmethod
@@ -201,15 +255,18 @@ class CaptionPage:
     @user_facing
     def caption_many(self, files, method=None, beam_width=None, max_length=None, length_penalty=None, prefix=None,
                      no_repeat_ngram_size=None, temperature=None, top_p=None, seed=None, name_objects=None,
-                     progress=gr.Progress()):
-        """Caption up to MAX_BATCH_FILES photos. Returns a gallery of the captioned ones, a summary, a table of
-        every file with its caption or why it has none, and the results as CSV and JSON files."""
+                     model=None, progress=gr.Progress()):
+        """Caption up to MAX_BATCH_FILES photos with the chosen model (None: the default). Returns a gallery of the
+        captioned ones, a summary, a table of every file with its caption or why it has none, and the results as
+        CSV and JSON files."""
         options = decoding_options(method, beam_width, max_length, length_penalty, prefix, no_repeat_ngram_size,
                                    temperature, top_p, seed, name_objects)
         files = batch_uploads(files)
+        choice, captioner = self.models.get(model)
+        images = self._images_for(captioner)
         start = time.perf_counter()
         thumbnails: dict[int, np.ndarray] = {}  # each photo as it is (aspect kept), for the gallery
-        decode = read_once(lambda upload: self.images.upload(upload, GALLERY_MAX_SIDE))  # a file named twice: once
+        decode = read_once(lambda upload: images.upload(upload, GALLERY_MAX_SIDE))  # a file named twice: once
 
         def reader(position, upload):
             def read():
@@ -219,14 +276,14 @@ class CaptionPage:
 
         photos = [(upload_name(upload), reader(i, upload)) for i, upload in enumerate(files)]
         progress((0, len(photos)), desc="Captioning", unit="photos")
-        results = caption_photos(self.captioner, photos, options, deadline=time.monotonic() + BATCH_TIME_LIMIT_S,
+        results = caption_photos(captioner, photos, options, deadline=time.monotonic() + BATCH_TIME_LIMIT_S,
                                  progress=lambda done, total: progress((done, total), desc="Captioning", unit="photos"))
         seconds = time.perf_counter() - start
         folder = results_folder()
         downloads = [str(write_csv(results, folder / "captions.csv")), str(write_json(results, folder / "captions.json"))]
         gallery = [(Image.fromarray(thumbnails[i]), f"{r.image}: {r.caption}") for i, r in enumerate(results) if r.ok]
         table = [[r.image, r.caption or "", r.error or "", seen_summary(r.objects, r.familiar)] for r in results]
-        log.info("Captioned %d of %d photos in %.2f s", len(gallery), len(results), seconds)
+        log.info("Captioned %d of %d photos with %s in %.2f s", len(gallery), len(results), choice.name, seconds)
         return gallery, batch_summary(len(gallery), len(results), seconds), table, downloads
 
 
@@ -328,15 +385,16 @@ class ExplainedPhoto:
     words: tuple[str, ...]
     probabilities: tuple[float, ...] | None  # None for an unfamiliar photo's caption: its sureness means nothing
     key: str  # of (heatmaps (words, h, w) float16, photo JPEG) in KEPT_VIEWS
+    looker: str = "the model"  # whose heatmaps they are: an ensemble's are one member's
 
     @classmethod
-    def of(cls, explanation: Explanation, photo: Image.Image) -> ExplainedPhoto:
+    def of(cls, explanation: Explanation, photo: Image.Image, looker: str = "the model") -> ExplainedPhoto:
         buffer = io.BytesIO()
         photo.convert("RGB").save(buffer, "JPEG", quality=PHOTO_JPEG_QUALITY)
         heatmaps = np.stack([w.heatmap for w in explanation.words]).astype(np.float16)
         key = KEPT_VIEWS.put((heatmaps, buffer.getvalue()), heatmaps.nbytes + buffer.tell())
         probabilities = None if explanation.caption.familiar is False else tuple(w.probability for w in explanation.words)
-        return cls(tuple(w.word for w in explanation.words), probabilities, key)
+        return cls(tuple(w.word for w in explanation.words), probabilities, key, looker)
 
     @property
     def available(self) -> bool:
@@ -351,15 +409,18 @@ class ExplainedPhoto:
     def label(self, index: int) -> str:
         """Markdown under the heatmap: which word it is and how sure the model was of it."""
         sure = "" if self.probabilities is None else f", {percent(self.probabilities[index])} sure"
-        return f"Where the model looked for **\u201c{self.words[index]}\u201d** (word {index + 1}{sure})"
+        return f"Where {self.looker} looked for **\u201c{self.words[index]}\u201d** (word {index + 1}{sure})"
 
 
-def model_facts(description: dict, seconds: float | None = None) -> str:
-    """One Markdown line about the loaded model (and how long the last caption took)."""
+def model_facts(description: dict, seconds: float | None = None, name: str | None = None) -> str:
+    """One Markdown line about a loaded model: its name (the page's label for it, when given), encoder, weights,
+    vocabulary and test scores (and how long the last caption took)."""
     source = description.get("source") or "unknown source"
     revision = description.get("revision")
+    encoders = "Encoders" if " + " in description["encoder"] else "Encoder"  # an ensemble's: each member's
     facts = [
-        f"Encoder `{description['encoder']}`",
+        *([f"**{name}**"] if name else []),
+        f"{encoders} `{description['encoder']}`",
         f"weights from `{source}`" + (f" (revision `{revision[:10]}`)" if revision else ""),
         f"vocabulary of {description['vocab_size']:,} tokens",
     ]
