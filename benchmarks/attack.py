@@ -275,13 +275,15 @@ class Scenarios:
         answers: Counter = Counter()
         with self.client() as http:
             image = self.attack.upload(http, self.big_png, "big.png")
+            # The caption event, by name: the page's first events are its menus' (unqueued).
+            index = next(i for i, e in enumerate(http.get(self.url + "/config").json()["dependencies"]) if e["api_name"] == "caption")
             while not stop.is_set():
-                joined = http.post("/queue/join", json={"data": [image, "greedy"], "fn_index": 0, "session_hash": "s3"})
+                joined = http.post("/queue/join", json={"data": [image, "greedy"], "fn_index": index, "session_hash": "s3"})
                 if joined.status_code != 200:
                     answers[classify_refusal(joined)] += 1
                     stop.wait(0.5)
                     continue
-                body = {"data": [{"path": "http://203.0.113.9/huge.jpg", "meta": FILE_META}], "fn_index": 0, "session_hash": "s3"}
+                body = {"data": [{"path": "http://203.0.113.9/huge.jpg", "meta": FILE_META}], "fn_index": index, "session_hash": "s3"}
                 answers[classify_refusal(http.post(f"/stream/{joined.json()['event_id']}", json=body))] += 1
                 stop.wait(0.5)
         return answers
