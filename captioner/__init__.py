@@ -2,7 +2,7 @@
 
 from .decoding import Caption, DecodingOptions
 from .encoder import ENCODERS, ImageEncoder
-from .ensemble import Ensemble
+from .ensemble import Ensemble, load_model
 from .image import InvalidImageError, load_image
 from .inference import Captioner
 from .model import ModelConfig, StepModel, build_caption_model
@@ -23,5 +23,6 @@ __all__ = [
     "WeightsError",
     "build_caption_model",
     "load_image",
+    "load_model",
     "normalize_caption",
 ]

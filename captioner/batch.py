@@ -279,17 +279,18 @@ def caption_prepared(captioner, paths: list[str], prepared: list, options) -> li
     return decode_prepared(captioner, paths, prepared, encode_prepared(captioner, prepared), options)
 
 
-def encode_prepared(captioner, prepared: list) -> np.ndarray:
-    """What read_pixels gave for a batch's files -> the features of those it could read, in order."""
+def encode_prepared(captioner, prepared: list):
+    """What read_pixels gave for a batch's files -> the features of those it could read, in order (an ensemble's:
+    one array per member); None when it could read none."""
     pixels = [p for p in prepared if not isinstance(p, str)]
     if not pixels:
-        return np.zeros((0, captioner.config.feature_dim), np.float32)
+        return None
     return captioner.encode_pixels(np.stack(pixels))
 
 
-def decode_prepared(captioner, paths: list[str], prepared: list, features: np.ndarray, options) -> list[dict]:
+def decode_prepared(captioner, paths: list[str], prepared: list, features, options) -> list[dict]:
     """The batch's records: a caption for each file that could be read (from its features), else its error."""
-    captions = iter(captioner.caption_features(features, options) if len(features) else [])
+    captions = iter(captioner.caption_features(features, options) if features is not None else [])
     return [error_record(path, p) if isinstance(p, str) else caption_record(path, next(captions))
             for path, p in zip(paths, prepared)]
 
@@ -308,7 +309,7 @@ def run_local(captioner, paths: list[str], output, options, batch_size: int = BA
     from .sandbox import DecodePool
 
     workers = workers or os.cpu_count() or 1
-    size = captioner.encoder.input_size  # builds (or loads the cached) encoder before the workers start reading
+    size = captioner.input_size  # builds (or loads the cached) encoder before the workers start reading
     batches = [paths[i : i + batch_size] for i in range(0, len(paths), batch_size)]
     counts = {"captioned": 0, "errors": 0}
     # Three stages at once: decode workers read batch i + 2 (and on), a thread runs the encoder on batch i + 1
@@ -361,14 +362,14 @@ class RayCaptioner:
     """A Ray Data actor: loads the model once, then reads and captions batches of paths."""
 
     def __init__(self, source: str | None, revision: str | None, options: dict, workers: int):
-        from . import Captioner
         from .decoding import DecodingOptions, limit_blas_threads
+        from .ensemble import load_model
         from .sandbox import DecodePool
 
         limit_blas_threads()
-        self.captioner = Captioner.from_pretrained(source, revision)
+        self.captioner = load_model(source, revision)
         self.options = DecodingOptions(**options)
-        self.size = self.captioner.encoder.input_size
+        self.size = self.captioner.input_size
         self.pool = DecodePool(workers, deadline_s=DECODE_DEADLINE_S)
         self.readers = _Readers(workers)
 
@@ -465,7 +466,7 @@ def main(argv=None) -> int:
 
     from tqdm import tqdm
 
-    from . import Captioner, WeightsError
+    from . import WeightsError, load_model
     from .decoding import limit_blas_threads
 
     counts = {"captioned": 0, "errors": 0}
@@ -474,7 +475,7 @@ def main(argv=None) -> int:
             limit_blas_threads()
             # Loaded here in both modes: a prompt's words are checked against the vocabulary before any work
             # (the encoder is built where images are encoded: here, or in each Ray actor).
-            captioner = Captioner.from_pretrained(args.weights or args.repo, revision=args.revision)
+            captioner = load_model(args.weights or args.repo, revision=args.revision)  # a Captioner, or an Ensemble
             options = captioner.decoding_options(options)
             if args.ray is None:
                 captioner.warmup()  # the encoder: compiled, or loaded from the cache, before the clock starts

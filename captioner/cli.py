@@ -32,7 +32,8 @@ DECODING_FLAGS = {  # DecodingOptions field -> its flag (the field's default is 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--weights", help="a local weights folder (default: $CAPTIONER_REPO, else the bundled weights/)")
+    source.add_argument("--weights", help="a local weights folder, or an ensemble's folder (one with ensemble.json, like "
+                        "weights/ensemble) (default: $CAPTIONER_REPO, else the bundled weights/)")
     source.add_argument("--repo", help="a Hugging Face Hub model repo id, e.g. user/image-captioner")
     parser.add_argument("--revision", help="with --repo: a branch, tag or commit")
 
@@ -83,7 +84,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     check_model_arguments(parser, args)
 
-    from . import Captioner, InvalidImageError, WeightsError
+    from . import InvalidImageError, WeightsError, load_model
     from .batch import caption_record
     from .visual import unfamiliar_note
     from .decoding import limit_blas_threads
@@ -92,7 +93,7 @@ def main(argv=None) -> int:
     limit_blas_threads()
     try:
         options = decoding_options(args)  # fail before loading the model
-        captioner = Captioner.from_pretrained(args.weights or args.repo, revision=args.revision)
+        captioner = load_model(args.weights or args.repo, revision=args.revision)  # a Captioner, or an Ensemble
         options = captioner.decoding_options(options)  # the prefix's words, against this model's vocabulary
     except (ValueError, WeightsError) as exc:
         parser.exit(2, f"error: {exc}\n")

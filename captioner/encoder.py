@@ -84,6 +84,10 @@ ENCODERS: dict[str, EncoderSpec] = {
         for name, scaling in efficientnet_lite.VARIANTS.items()
     },
 }
+# Each encoder's name as people write it (the page's labels, an ensemble's "which member" notes).
+ENCODER_NAMES = {"resnet50": "ResNet50", "mobilenet_v2": "MobileNetV2", "inception_v3": "InceptionV3",
+                 "xception": "Xception", "densenet201": "DenseNet201", "efficientnet_lite0": "EfficientNet-Lite0",
+                 "efficientnet_lite1": "EfficientNet-Lite1", "efficientnet_lite2": "EfficientNet-Lite2"}
 
 
 class ImageEncoder:

@@ -1,26 +1,47 @@
 """`Ensemble`: several trained captioners decoding together, each word chosen by all of them.
 
-    ensemble = Ensemble.from_folders(["weights", "weights/resnet50"], weights=[0.5, 0.5])
+    ensemble = Ensemble.from_folder("weights/ensemble")      # the bundled one: its ensemble.json names the members
     ensemble.caption("examples/dog.jpg").text
+    Ensemble.from_folders(["weights", "weights/resnet50"], weights=[0.5, 0.5])   # any members, any weights
+    load_model("weights/ensemble")    # what --weights names: an ensemble's folder, or a model's (a Captioner)
 
 Each member encodes the image with its own encoder and runs its own decoder; at every step their next-word
 log-probabilities are averaged with the weights and renormalised (EnsembleStepModel: the members' StepModels run
 as one), and the one decoding loop (decoding.DecodingTask) chooses from them, so every decoding option works as for
 one model. The members must share one vocabulary: the averaged distributions are over the same words.
+
+An ensemble's folder holds ensemble.json (ENSEMBLE_FILE): its members' weights folders, as paths relative to it, their
+weights and how the weights were chosen; and, like a model's folder, the test scores training.evaluate writes
+(metrics.json, metrics.md). `python -m training.evaluate_ensemble --split test --out DIR` writes all three.
+
+    {"format_version": 1, "members": ["..", "../resnet50"], "weights": [0.6, 0.4],
+     "chosen_on": "dev CIDEr of the app's default decoding: 0.5,0.5 0.540, 0.6,0.4 0.543, ..."}
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from .decoding import Caption, DecodingOptions, DecodingTask
+from .encoder import ENCODER_NAMES, ENCODERS
+from .explain import Explanation
+from .image import fit_pixels, load_image, resize_for_encoder
 from .inference import Captioner
 from .model import StepModel
+from .weights import METRICS_FILE, WeightsError, read_folder
+
+ENSEMBLE_FILE = "ensemble.json"  # what makes a folder an ensemble's: its members, their weights, how they were chosen
+ENSEMBLE_FORMAT_VERSION = 1
 
 
 class EnsembleStepModel:
@@ -93,9 +114,115 @@ def ensemble_weights(weights: Sequence[float], members: int) -> tuple[float, ...
     return tuple(float(w) / total for w in weights)
 
 
+# ---- an ensemble's folder --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EnsembleFolder:
+    """An ensemble's folder as its ensemble.json describes it (read_ensemble_folder checks it)."""
+
+    path: Path
+    members: tuple[Path, ...]  # the members' weights folders: ensemble.json's paths, joined to `path`
+    weights: tuple[float, ...]  # as written (an Ensemble scales them to sum to 1)
+    chosen_on: str  # how the weights were chosen, in words
+
+    @property
+    def metrics(self) -> dict | None:
+        """The folder's test scores (metrics.json, as training.evaluate_ensemble writes them), if it has them."""
+        path = self.path / METRICS_FILE
+        if not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except ValueError as exc:
+            raise WeightsError(f"{path} is not valid JSON ({exc}); write it again with `python -m training.evaluate_ensemble "
+                               f"--split test --out {self.path} ...`.") from None
+
+
+def is_ensemble_folder(path: str | os.PathLike) -> bool:
+    return (Path(path) / ENSEMBLE_FILE).is_file()
+
+
+def read_ensemble_folder(path: str | os.PathLike) -> EnsembleFolder:
+    """Read and check an ensemble's folder: its ensemble.json, and that each member's folder is there. WeightsError
+    with a sentence saying what is wrong."""
+    folder = Path(path)
+    file = folder / ENSEMBLE_FILE
+    if not file.is_file():
+        raise WeightsError(f"{folder} is not an ensemble's folder: it has no {ENSEMBLE_FILE}. Write one with "
+                           f"`python -m training.evaluate_ensemble --split test --out {folder} ...`.")
+    try:
+        content = json.loads(file.read_text())
+    except (OSError, ValueError) as exc:
+        raise WeightsError(f"{file} can't be read as JSON ({exc}).") from None
+    if not isinstance(content, dict):
+        raise WeightsError(f"{file} must hold a JSON object with the ensemble's members and weights.")
+    version = content.get("format_version", ENSEMBLE_FORMAT_VERSION)
+    if not isinstance(version, int) or version > ENSEMBLE_FORMAT_VERSION:
+        raise WeightsError(f"{file} was written by a newer version of this project; please update it.")
+    members, weights = content.get("members"), content.get("weights")
+    if not isinstance(members, list) or len(members) < 2 or not all(isinstance(m, str) and m for m in members):
+        raise WeightsError(f"{file} must list at least two members' weights folders, as paths relative to {folder}, "
+                           'like "members": ["..", "../resnet50"].')
+    if not isinstance(weights, list) or len(weights) != len(members):
+        given = f"{len(weights)} weights" if isinstance(weights, list) else "no list of weights"
+        raise WeightsError(f"{file} gives {given} for its {len(members)} members: one weight per member, in the "
+                           "members' order.")
+    try:
+        ensemble_weights(weights, len(members))
+    except ValueError as exc:
+        raise WeightsError(f"{file}: {exc}") from None
+    chosen_on = content.get("chosen_on", "")
+    if not isinstance(chosen_on, str):
+        raise WeightsError(f"{file}'s chosen_on must be a sentence saying how the weights were chosen.")
+    paths = tuple(Path(os.path.normpath(folder / member)) for member in members)
+    for number, (member, member_path) in enumerate(zip(members, paths), start=1):
+        if not member_path.is_dir():
+            raise WeightsError(f"The ensemble in {folder} is missing member {number}: {file} names '{member}', and "
+                               f"there is no folder {member_path}.")
+    return EnsembleFolder(folder, paths, tuple(float(w) for w in weights), chosen_on)
+
+
+def write_ensemble_file(folder: str | os.PathLike, members: Sequence[str | os.PathLike], weights: Sequence[float],
+                        chosen_on: str) -> Path:
+    """Write `folder`/ensemble.json: the members' weights folders relative to `folder` (so that the folders can move
+    together), the weights as given, and how they were chosen. -> its path."""
+    folder = Path(folder)
+    weights = [float(w) for w in weights]
+    ensemble_weights(weights, len(members))  # refused here, not when the folder is loaded
+    folder.mkdir(parents=True, exist_ok=True)
+    relative = [Path(os.path.relpath(Path(member).resolve(), folder.resolve())).as_posix() for member in members]
+    content = {"format_version": ENSEMBLE_FORMAT_VERSION, "members": relative, "weights": weights, "chosen_on": chosen_on}
+    path = folder / ENSEMBLE_FILE
+    path.write_text(json.dumps(content, indent=1) + "\n")
+    return path
+
+
+def load_model(source: str | os.PathLike | None = None, revision: str | None = None) -> Captioner | Ensemble:
+    """What --weights or --repo names: an ensemble's folder (one with ensemble.json) as an Ensemble, else what
+    Captioner.from_pretrained takes (a weights folder, a Hub repo id, None: the default). The CLI, the batch job
+    and the app load through this."""
+    if source is not None and is_ensemble_folder(source):
+        return Ensemble.from_folder(source)
+    return Captioner.from_pretrained(source, revision)
+
+
+# ---- the ensemble ---------------------------------------------------------------------------------------
+
+
 class Ensemble:
-    def __init__(self, members: Sequence[Captioner], weights: Sequence[float] | None = None):
-        """weights: one per member, each at least 0, not all 0 (scaled to sum to 1); None: equal weights."""
+    """Several Captioners captioning together; what a Captioner offers, for the ensemble: captions of images, of a
+    decode worker's pixels (caption_pixels) and of features, word-by-word views (explain_pixels), warmup, facts.
+
+    What the ensemble can't do itself is borrowed, and says so: the objects come from the first member with the
+    ImageNet classifier; the word-by-word view (each word's probability and heatmap) is its heaviest member's, for
+    the ensemble's caption (Grad-CAM follows one network's gradient: `explained_by` names the member).
+    """
+
+    def __init__(self, members: Sequence[Captioner], weights: Sequence[float] | None = None,
+                 folder: EnsembleFolder | None = None):
+        """weights: one per member, each at least 0, not all 0 (scaled to sum to 1); None: equal weights.
+        folder: the ensemble's folder, when it was loaded from one (its scores are the ensemble's)."""
         members = list(members)
         if len(members) < 2:
             raise ValueError(f"An ensemble needs at least two models, not {len(members)}.")
@@ -105,21 +232,57 @@ class Ensemble:
                                  "an ensemble's models must share one vocabulary, word for word.")
         self.members = members
         self.vocab = members[0].vocab
+        self.folder = folder
         self.step_model = EnsembleStepModel([member.step_model for member in members],
                                             [1.0] * len(members) if weights is None else weights)
         self.weights = self.step_model.weights
         # Each member's step budget is its longest training caption; the ensemble may go as far as the longest.
         self.max_new_tokens = max(member.config.max_new_tokens for member in members)
 
+    # ---- loading ------------------------------------------------------------------------------
+
     @classmethod
     def from_folders(cls, sources: Sequence[str | os.PathLike], weights: Sequence[float] | None = None) -> Ensemble:
         """Each source as Captioner.from_pretrained takes it: a weights folder or a Hub repo id."""
         return cls([Captioner.from_pretrained(source) for source in sources], weights)
 
+    @classmethod
+    def from_folder(cls, path: str | os.PathLike, members: Mapping[str | os.PathLike, Captioner] | None = None) -> Ensemble:
+        """An ensemble's folder (ensemble.json: read_ensemble_folder) -> the Ensemble, its members loaded.
+
+        members: Captioners loaded already, by their weights folder's path: those members are shared, not loaded
+        again (the app's Lite0 and ResNet50 serve alone and in the ensemble)."""
+        folder = read_ensemble_folder(path)
+        loaded = {Path(member_path).resolve(): captioner for member_path, captioner in (members or {}).items()}
+        captioners = []
+        for member_path in folder.members:
+            shared = loaded.get(member_path.resolve())
+            if shared is None:
+                captioners.append(Captioner.from_folder(read_folder(member_path)))
+                continue
+            if shared.weights is not None and shared.weights.path.resolve() != member_path.resolve():
+                raise ValueError(f"The model given for {member_path} was loaded from {shared.weights.path}.")
+            captioners.append(shared)
+        return cls(captioners, folder.weights, folder)
+
+    # ---- captions ---------------------------------------------------------------------------------
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """The (width, height) of the pixels caption_pixels takes: the largest of the members' input sizes, so that
+        each member's copy is made smaller from them, never larger (which would blur it)."""
+        return max((member_input_size(member) for member in self.members), key=lambda size: size[0] * size[1])
+
     def encode(self, images) -> list[np.ndarray]:
-        """Images (PIL, paths, bytes or HxWx3 arrays) -> each member's (n, feature_dim) features, in member order."""
+        """Images (PIL, paths, bytes or HxWx3 arrays) -> each member's (n, feature_dim) features, in member order:
+        each member reads the image at its own input size, as it would alone."""
         images = list(images)
         return [member.encode(images) for member in self.members]
+
+    def encode_pixels(self, pixels: np.ndarray) -> list[np.ndarray]:
+        """(n, h, w, 3) uint8 pixels at `input_size` (a decode worker's) -> each member's features, in member order:
+        a member with a smaller input size gets them resized (image.fit_pixels), as the decode workers resize."""
+        return [member.encode_pixels(fit_pixels(pixels, member_input_size(member))) for member in self.members]
 
     def caption(self, image, options: DecodingOptions | None = None, **overrides) -> Caption:
         """One image -> its caption. overrides: DecodingOptions fields, e.g. caption(image, method="greedy")."""
@@ -128,6 +291,12 @@ class Ensemble:
     def caption_batch(self, images, options: DecodingOptions | None = None, **overrides) -> list[Caption]:
         task = self.decoding_task(options, **overrides)  # refuse bad options before the encoders run
         return self._captions(task, self.encode(images))
+
+    def caption_pixels(self, pixels: np.ndarray, options: DecodingOptions | None = None, **overrides) -> list[Caption]:
+        """(n, h, w, 3) uint8 pixels at `input_size` (a decode worker's) -> their captions: one decode of each photo
+        serves every member."""
+        task = self.decoding_task(options, **overrides)
+        return self._captions(task, self.encode_pixels(pixels))
 
     def caption_features(self, features: Sequence[np.ndarray], options: DecodingOptions | None = None,
                          **overrides) -> list[Caption]:
@@ -142,17 +311,88 @@ class Ensemble:
                 raise ValueError(f"Model {number} ({member.config.encoder}) reads {member.config.feature_dim:,} features per image, "
                                  f"not {np.shape(member_features)[1:]}: give each model's features in model order.")
         side_by_side = np.concatenate([np.asarray(f, np.float32) for f in features], axis=1)
-        return [Caption.from_hypotheses(self.vocab, hypotheses) for hypotheses in task.run(side_by_side)]
+        found = task.run(side_by_side)
+        # What the encoder sees is the first classifier's among the members. Familiarity (familiar, familiarity) is
+        # left None: its threshold was chosen on one model's own captions and features, which an ensemble's aren't.
+        if self.seer is None:
+            return [Caption.from_hypotheses(self.vocab, hypotheses) for hypotheses in found]
+        head = self.members[self.seer].head
+        return [Caption.from_hypotheses(self.vocab, hypotheses, objects=head.objects(row))
+                for hypotheses, row in zip(found, head.probabilities(features[self.seer]))]
+
+    @cached_property
+    def seer(self) -> int | None:
+        """The index of the first member with the ImageNet classifier (whose objects the captions carry); None: none has."""
+        return next((i for i, member in enumerate(self.members) if member.head is not None), None)
 
     def decoding_task(self, options: DecodingOptions | None = None, **overrides) -> DecodingTask:
         """As Captioner.decoding_task: `options` with `overrides`, resolved for the ensemble."""
         options = dataclasses.replace(options or DecodingOptions(), **overrides)
         return DecodingTask(self.step_model, self.vocab, options, self.max_new_tokens)
 
+    def decoding_options(self, options: DecodingOptions | None = None, **overrides) -> DecodingOptions:
+        """`options` with `overrides`, checked against the ensemble's vocabulary (see decoding_task)."""
+        return self.decoding_task(options, **overrides).options
+
+    # ---- word by word ---------------------------------------------------------------------------------
+
+    @property
+    def explainer(self) -> Captioner:
+        """The member whose word-by-word view explains the ensemble's captions: the heaviest (the first of equals)."""
+        return self.members[int(np.argmax(self.weights))]
+
+    @property
+    def explained_by(self) -> str:
+        """Whose heatmaps an explanation shows, for people: "the ensemble's ResNet50 member"."""
+        encoder = self.explainer.config.encoder
+        return f"the ensemble's {ENCODER_NAMES.get(encoder, encoder)} member"
+
+    def explain(self, image, options: DecodingOptions | None = None, **overrides) -> Explanation:
+        """The ensemble's caption of an image (PIL, path, bytes or array), word by word as `explainer` sees it."""
+        options = self.decoding_options(options, **overrides)  # refused before the image is read
+        photo = load_image(image, target_size=self.input_size)
+        return self.explain_pixels(resize_for_encoder(photo, self.input_size), photo, options)
+
+    def explain_pixels(self, pixels: np.ndarray, display: Image.Image | np.ndarray | None = None,
+                       options: DecodingOptions | None = None, **overrides) -> Explanation:
+        """The ensemble's caption of one image's (h, w, 3) uint8 pixels at `input_size`, with its candidates and
+        objects, word by word as its heaviest member (`explainer`) sees that caption: each word's probability and
+        heatmap are that member's. display: the photo to draw the heatmaps on (None: the pixels)."""
+        pixels = np.asarray(pixels)
+        (caption,) = self.caption_pixels(pixels[None], options, **overrides)
+        member = self.explainer
+        member_pixels = fit_pixels(pixels[None], member_input_size(member))[0]
+        # The caption is given: only the member's word probabilities and heatmaps are asked of it.
+        explanation = member.explain_pixels(member_pixels, pixels if display is None else display, caption=caption.text,
+                                            options=DecodingOptions("greedy", name_objects=False))
+        return dataclasses.replace(explanation, caption=caption)
+
+    # ---- serving ---------------------------------------------------------------------------------------
+
+    def warmup(self) -> None:
+        """Run each member's encoder once (each is traced on first use), so the first user doesn't wait for them."""
+        for member in self.members:
+            member.warmup()
+
     @property
     def description(self) -> dict:
-        """Facts about the ensemble, for an info line: each member's, with its weight."""
-        return {"ensemble": [member.description | {"weight": weight} for member, weight in zip(self.members, self.weights)]}
+        """Facts about the ensemble, for an info line (Captioner.description's keys): the members' encoders with
+        their weights, where their weights come from, the ensemble folder's test scores; and each member's facts."""
+        sources = [member.weights.source if member.weights is not None else "unknown source" for member in self.members]
+        return {
+            "encoder": " + ".join(f"{member.config.encoder} ({weight:g})" for member, weight in zip(self.members, self.weights)),
+            "vocab_size": len(self.vocab),
+            "source": " + ".join(sources),
+            "revision": None,
+            "metrics": self.folder.metrics if self.folder is not None else None,
+            "chosen_on": self.folder.chosen_on if self.folder is not None else None,
+            "members": [member.description | {"weight": weight} for member, weight in zip(self.members, self.weights)],
+        }
+
+
+def member_input_size(member: Captioner) -> tuple[int, int]:
+    """A member's encoder's (width, height), without building the encoder."""
+    return tuple(ENCODERS[member.config.encoder].input_size)
 
 
 def vocabulary_difference(first: Captioner, other: Captioner) -> str:

@@ -322,6 +322,18 @@ def resize_for_encoder(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(image)  # uint8: what the decode workers send (floats cost a third of a 224x224 JPEG's decode)
 
 
+def fit_pixels(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(n, h, w, 3) uint8 pixels -> the same images at `size` (width, height), resized as the decode workers resize
+    (resize_for_encoder): how an ensemble's member with another input size gets the pixels made for the ensemble."""
+    pixels = np.asarray(pixels)
+    width, height = size
+    if pixels.shape[1:3] == (height, width):
+        return pixels
+    if not len(pixels):
+        return np.zeros((0, height, width, 3), np.uint8)
+    return np.stack([resize_for_encoder(Image.fromarray(image), (width, height)) for image in pixels])
+
+
 def display_copy(photo: Image.Image, max_side: int) -> Image.Image:
     """The photo to show a user (heatmap overlays, galleries): its aspect kept, shrunk to at most max_side
     pixels a side, never enlarged. (The encoder's copy is squashed to a square: resize_for_encoder.)"""

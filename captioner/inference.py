@@ -122,6 +122,11 @@ class Captioner:
 
     # ---- inference: images -> pixels -> features -> captions ---------------------------------
 
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """The (width, height) of the pixels caption_pixels and encode_pixels take: its encoder's."""
+        return self.encoder.input_size
+
     def prepare_pixels(self, images) -> np.ndarray:
         """Images (PIL, paths, bytes or HxWx3 arrays) -> (n, h, w, 3) uint8, each decoded and resized for the
         encoder (image.prepare_pixels: what a decode worker sends back)."""

@@ -22,19 +22,12 @@ import app
 from benchmarks.app_process import free_port
 from captioner import Captioner, Ensemble
 from captioner.backends import KerasMissing
+from captioner.ensemble import ensemble_weights, read_ensemble_folder
 from captioner.image import MAX_FILE_BYTES
 from tests.conftest import ROOT, make_weights_folder
 from webapp import middleware, uploads
 from webapp.handlers import CaptionPage
-from webapp.models import (
-    ENSEMBLE_METRICS,
-    RESNET50_FIX,
-    EnsembleModel,
-    ModelChoice,
-    ModelChoices,
-    ModelUnavailable,
-    bundled_choices,
-)
+from webapp.models import BUNDLED_ENSEMBLE, RESNET50_FIX, ModelChoice, ModelChoices, ModelUnavailable, bundled_choices
 
 SECOND_REQUEST_WAIT_S = 30  # how long the slow model's load waits for a second request to choose it too
 
@@ -85,10 +78,10 @@ def tiny_choices(tiny_captioner, other_folder, loads: Loads) -> list[ModelChoice
     broken = ModelChoice("broken", "Broken model", loads.counted("broken", cant_load), fix=RESNET50_FIX)
     return [
         other,
-        ModelChoice("pair", "Tiny ensemble", lambda: EnsembleModel(Ensemble([tiny_captioner, other.model()], (0.5, 0.5)))),
+        ModelChoice("pair", "Tiny ensemble", lambda: Ensemble([tiny_captioner, other.model()], (0.5, 0.5))),
         slow_choice(loads, other_folder),
         broken,
-        ModelChoice("broken-pair", "Broken ensemble", lambda: EnsembleModel(Ensemble([tiny_captioner, broken.model()]))),
+        ModelChoice("broken-pair", "Broken ensemble", lambda: Ensemble([tiny_captioner, broken.model()])),
     ]
 
 
@@ -303,7 +296,7 @@ def test_the_bundled_models(bundled_page, example_images):
     ensemble = page.models.get("ensemble")[1]
     assert ensemble.members[0] is lite0 and ensemble.members[1] is resnet50  # shared, not loaded again
     for name, model, expected in [("resnet50", resnet50, resnet50.caption(photo)),
-                                  ("ensemble", ensemble, ensemble.ensemble.caption(photo))]:
+                                  ("ensemble", ensemble, ensemble.caption(photo))]:
         text, rows, facts, seen = page.caption(upload, model=name)
         assert text == expected.text and rows[0][1] == text
         label = page.models.choices[name].label
@@ -314,19 +307,23 @@ def test_the_bundled_models(bundled_page, example_images):
     assert seen["objects"] == page.caption(upload)[3]["objects"] != [] and seen["familiar"] is None
     assert "CIDEr 0.580 (beam5_lp2)" in page.caption(upload, model="ensemble")[2]
     view = page.explain(upload, model="ensemble")
-    assert view[0] == ensemble.ensemble.caption(photo).text
+    assert view[0] == ensemble.caption(photo).text
     assert view[3].startswith("Where the ensemble's EfficientNet-Lite0 member looked for")
 
 
-def test_the_ensembles_scores_are_the_evaluations(tmp_path):
-    written = ROOT / "artifacts" / "ensemble-lite0-resnet50" / "metrics.json"
-    if not written.is_file():
-        pytest.skip("no artifacts/ensemble-lite0-resnet50/ here (training's work folder)")
-    metrics = json.loads(written.read_text())
-    best = metrics["results"][metrics["best"]]
-    assert ENSEMBLE_METRICS["best"] == metrics["best"]
-    assert ENSEMBLE_METRICS["results"][metrics["best"]] == {name: best[name] for name in ("BLEU-4", "CIDEr")}
-    assert metrics["ensemble"]["weights"] == [0.6, 0.4]
+def test_the_bundled_ensemble_is_a_folder_with_its_test_scores():
+    """The menu's scores for the ensemble are its folder's metrics.json, as training.evaluate_ensemble wrote them
+    beside its ensemble.json: the same weights, the bundled Lite0 and ResNet50 as members."""
+    if not (BUNDLED_ENSEMBLE / "ensemble.json").is_file():
+        pytest.skip("no weights/ensemble/ in this checkout")
+    folder = read_ensemble_folder(BUNDLED_ENSEMBLE)
+    assert [path.resolve() for path in folder.members] == [(ROOT / "weights").resolve(), (ROOT / "weights" / "resnet50").resolve()]
+    assert "dev CIDEr" in folder.chosen_on and "0.6,0.4 best" in folder.chosen_on
+    metrics = json.loads((BUNDLED_ENSEMBLE / "metrics.json").read_text())
+    assert metrics["split"] == "test" and metrics["images"] == 1000
+    assert isinstance(metrics["results"][metrics["best"]]["CIDEr"], float)
+    assert metrics["ensemble"]["weights"] == pytest.approx(ensemble_weights(folder.weights, len(folder.members)))
+    assert (BUNDLED_ENSEMBLE / "metrics.md").is_file()
 
 
 NO_TENSORFLOW = """

@@ -9,7 +9,15 @@ Each member's features come from its own work dir (features/<its encoder>/, comp
 weights: `python -m training.features --encoder E --work-dir W`, with --encoder-file for a folder that carries its
 encoder); the images and references from the first's dataset.json. On dev every weighting is scored with the app's
 default decoding (coco-caption without METEOR, and NLTK's BLEU) into <out>/ensemble_dev.json; on test the one
-weighting given is scored with every decoding of training.evaluate into <out>/metrics.json and metrics.md.
+weighting given is scored with every decoding of training.evaluate into <out>/metrics.json and metrics.md, and <out>
+becomes the ensemble's folder: <out>/ensemble.json names the members (relative to <out>), the weights, and how they
+were chosen (--chosen-on, else the dev report <out>/ensemble_dev.json summed up), so that `Ensemble.from_folder(out)`
+and `python -m captioner --weights <out>` load it. The bundled ensemble, weights/ensemble/, is made so (METEOR
+needs Java; --no-meteor leaves it out):
+
+    cp artifacts/ensemble-lite0-resnet50/ensemble_dev.json weights/ensemble/
+    python -m training.evaluate_ensemble --members weights weights/resnet50 --work-dirs artifacts/lite0-bundled \\
+        artifacts/resnet50 --split test --weightings 0.6,0.4 --out weights/ensemble
 """
 
 from __future__ import annotations
@@ -19,12 +27,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from captioner import DecodingOptions
-from captioner.ensemble import Ensemble
+from captioner.ensemble import ENSEMBLE_FILE, Ensemble, write_ensemble_file
 from training.config import option, parse_config
 from training.evaluate import COCO_METRICS, NLTK_METRICS, coco_scores, nltk_bleu, score_settings
 from training.features import load_features
 
 DEFAULT_OUT = Path("artifacts/ensemble")
+DEV_REPORT = "ensemble_dev.json"
 
 
 @dataclass(frozen=True)
@@ -36,6 +45,8 @@ class EvaluateEnsembleConfig:
     split: str = option("dev", "dev: compare the weightings; test: score the one given", choices=["dev", "test"])
     out: Path = option(DEFAULT_OUT, "where the scores are written")
     no_meteor: bool = option(False, "test: skip METEOR (it needs Java)")
+    chosen_on: str = option("", f"test: how the weights were chosen, in words, for {ENSEMBLE_FILE} "
+                                f"(default: from <out>/{DEV_REPORT}, the dev comparison, if it is there)")
 
 
 def weighting(text: str) -> list[float]:
@@ -67,7 +78,11 @@ def evaluate_ensemble(config: EvaluateEnsembleConfig) -> dict:
     features, names = member_features(ensemble, config.work_dirs, config.split)
     facts = {"ensemble": {"members": [str(m) for m in config.members], "weights": list(ensemble.weights)}}
     if config.split == "test":
-        return score_settings(ensemble, features, names, dataset, "test", Path(config.out), meteor=not config.no_meteor, facts=facts)
+        chosen_on = config.chosen_on or dev_summary(Path(config.out) / DEV_REPORT)  # read before the long scoring
+        metrics = score_settings(ensemble, features, names, dataset, "test", Path(config.out), meteor=not config.no_meteor,
+                                 facts=facts)
+        write_ensemble_file(config.out, config.members, weightings[0], chosen_on)
+        return metrics
     references = {name: dataset["splits"]["dev"][name] for name in names}
     results = {}
     for weights in weightings:
@@ -80,13 +95,28 @@ def evaluate_ensemble(config: EvaluateEnsembleConfig) -> dict:
     report = {"split": "dev", "images": len(names), "decoding": "the app's default (beam 5, length penalty 2)",
               "members": facts["ensemble"]["members"], "best": max(results, key=lambda k: results[k]["CIDEr"]), "results": results}
     Path(config.out).mkdir(parents=True, exist_ok=True)
-    (Path(config.out) / "ensemble_dev.json").write_text(json.dumps(report, indent=1) + "\n")
+    (Path(config.out) / DEV_REPORT).write_text(json.dumps(report, indent=1) + "\n")
     return report
 
 
+def dev_summary(path: Path) -> str:
+    """The dev report (DEV_REPORT) in a sentence, for ensemble.json's chosen_on: each weighting's dev CIDEr and the
+    best. Without a report: a sentence saying that nothing records how the weights were chosen."""
+    if not path.is_file():
+        return f"not recorded (no --chosen-on, and no {DEV_REPORT} from a --split dev run beside it)"
+    report = json.loads(path.read_text())
+    scores = ", ".join(f"{weights} {scores['CIDEr']:.4f}" for weights, scores in report["results"].items())
+    return (f"dev CIDEr on {report.get('images', '?')} images, decoded with {report.get('decoding', 'the default decoding')}, "
+            f"weighting by weighting: {scores}; {report['best']} best ({DEV_REPORT})")
+
+
 def main(argv=None):
-    report = evaluate_ensemble(parse_config(EvaluateEnsembleConfig, argv, __doc__))
-    print(f"best weighting on {report['split']}: {report['best']}")
+    config = parse_config(EvaluateEnsembleConfig, argv, __doc__)
+    report = evaluate_ensemble(config)
+    if report["split"] == "test":
+        print(f"best decoding on test: {report['best']}; {config.out} is the ensemble's folder ({ENSEMBLE_FILE})")
+    else:
+        print(f"best weighting on dev: {report['best']}")
 
 
 if __name__ == "__main__":

@@ -9,5 +9,5 @@ around captioning. The captioner library (captioner/) knows nothing of it.
   and the Gradio settings that go with it.
 * many_photos.py: the "Many photos" tab's work: up to a few dozen uploads captioned, CSV and JSON results.
 * models.py: `ModelChoices`, the models a request may choose (the default, the bundled ResNet50 and ensemble), each
-  loaded on first use, and `EnsembleModel`, an ensemble with what the handlers use of a Captioner.
+  loaded on first use (the ensemble is weights/ensemble/, a captioner.Ensemble, which the handlers use as a Captioner).
 """

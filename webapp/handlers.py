@@ -31,13 +31,13 @@ import gradio as gr
 import numpy as np
 from PIL import Image
 
-from captioner import Captioner, DecodingOptions
+from captioner import Captioner, DecodingOptions, Ensemble
 from captioner.explain import OVERLAY_MAX_SIDE, Explanation, overlay
 from captioner.visual import unfamiliar_note
 
 from . import uploads
 from .many_photos import caption_photos, read_once, write_csv, write_json
-from .models import EnsembleModel, ModelChoice, ModelChoices
+from .models import ModelChoice, ModelChoices
 from .sessions import KEPT_VIEWS, VIEW_GONE
 from .uploads import RequestError, RequestImages
 
@@ -150,7 +150,7 @@ class CaptionPage:
 
     def _images_for(self, model) -> RequestImages:
         """The decode workers' pixels at `model`'s input size."""
-        size = tuple(model.input_size if isinstance(model, EnsembleModel) else model.encoder.input_size)
+        size = tuple(model.input_size)  # (a Captioner's is its encoder's; an Ensemble's its largest member's)
         if size not in self._images_by_size:
             self._images_by_size[size] = RequestImages(size, self.examples, self.images.pool, self.images.upload_dir)
         return self._images_by_size[size]
@@ -234,7 +234,7 @@ class CaptionPage:
         explanation = captioner.explain_pixels(pixels, display, options=options)
         shown = chosen_word(word, explanation)
         # An ensemble's heatmaps are one member's (Grad-CAM follows one network): the label says whose.
-        looker = captioner.explained_by if isinstance(captioner, EnsembleModel) else "the model"
+        looker = captioner.explained_by if isinstance(captioner, Ensemble) else "the model"
         kept = ExplainedPhoto.of(explanation, explanation.image, looker)
         seconds = time.perf_counter() - start
         log.info("%s %s caption explained in %.2f s: %s", choice.name, options.method, seconds, explanation.text)

@@ -7,15 +7,14 @@ by the name a request gives (webapp/handlers.py).
     models.menu()                             # the dropdown's (label, name) pairs, the default first
 
 The bundled choices: the default (what the app loaded: the bundled EfficientNet-Lite0 unless told otherwise), the
-bundled ResNet50 (weights/resnet50/, the reference recipe) and the ensemble of the two (captioner.Ensemble, shown to
-the handlers as a Captioner by `EnsembleModel`). A model that can't be loaded here (ResNet50 without TensorFlow, or
+bundled ResNet50 (weights/resnet50/, the reference recipe) and the ensemble of the two (weights/ensemble/, loaded as a
+captioner.Ensemble, which the handlers use as they use a Captioner). A model that can't be loaded here (ResNet50 without TensorFlow, or
 without its ImageNet weights and no internet) is answered with a sentence that says what to install or run, and the
 other models keep working.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import threading
@@ -23,14 +22,10 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
-
-from captioner import Captioner, DecodingOptions, Ensemble, WeightsError
+from captioner import Captioner, Ensemble, WeightsError
 from captioner.backends import KerasMissing
-from captioner.decoding import Caption
-from captioner.explain import Explanation
-from captioner.image import resize_for_encoder
+from captioner.encoder import ENCODER_NAMES
+from captioner.ensemble import is_ensemble_folder, read_ensemble_folder
 from captioner.weights import BUNDLED_WEIGHTS, METRICS_FILE, read_folder
 
 from .uploads import RequestError, for_log
@@ -43,14 +38,9 @@ RESNET50 = "resnet50"
 ENSEMBLE = "ensemble"
 
 BUNDLED_RESNET50 = BUNDLED_WEIGHTS / "resnet50"
-# Lite0's and ResNet50's weights in the ensemble: the best of five weightings on the dev split (README, "Ensembles").
-ENSEMBLE_WEIGHTS = (0.6, 0.4)
-# The ensemble's test scores as `python -m training.evaluate_ensemble --split test --weightings 0.6,0.4` wrote them
-# (artifacts/ensemble-lite0-resnet50/metrics.json: artifacts/ is training's work folder, which no checkout carries).
-ENSEMBLE_METRICS = {"split": "test", "best": "beam5_lp2",
-                    "results": {"beam5_lp2": {"BLEU-4": 0.2224051300243199, "CIDEr": 0.579806185039988}}}
-ENCODER_NAMES = {"efficientnet_lite0": "EfficientNet-Lite0", "resnet50": "ResNet50", "mobilenet_v2": "MobileNetV2",
-                 "inception_v3": "InceptionV3", "xception": "Xception", "densenet201": "DenseNet201"}
+# The ensemble of the two: its ensemble.json names them and their weights (chosen on dev), its metrics.json has
+# its test scores (training.evaluate_ensemble writes both).
+BUNDLED_ENSEMBLE = BUNDLED_WEIGHTS / "ensemble"
 
 # What a user is told to do when ResNet50 can't be loaded (a failure's sentence is at most uploads.MAX_MESSAGE_CHARS).
 RESNET50_FIX = (
@@ -228,8 +218,8 @@ def read_metrics(folder: Path) -> dict | None:
 
 
 def bundled_choices(default: Captioner) -> list[ModelChoice]:
-    """The bundled models beside the default: ResNet50 and the ensemble of Lite0 and ResNet50, where the checkout
-    has weights/resnet50/ (a trimmed copy may not)."""
+    """The bundled models beside the default: ResNet50, where the checkout has weights/resnet50/ (a trimmed copy may
+    not), and the ensemble of Lite0 and ResNet50, where it also has weights/ensemble/."""
     if not (BUNDLED_RESNET50 / "config.json").is_file():
         return []
     resnet50 = ModelChoice(
@@ -237,84 +227,19 @@ def bundled_choices(default: Captioner) -> list[ModelChoice]:
         lambda: Captioner.from_folder(read_folder(BUNDLED_RESNET50, source="bundled weights/resnet50/")),
         read_metrics(BUNDLED_RESNET50), RESNET50_ABOUT, RESNET50_FIX,
     )
+    if not is_ensemble_folder(BUNDLED_ENSEMBLE):
+        return [resnet50]
 
-    def ensemble() -> EnsembleModel:
-        # The default is the bundled Lite0 unless the app was told otherwise: then it shares it, else loads its own.
-        lite0 = default if is_bundled(default) else Captioner.from_folder(read_folder(BUNDLED_WEIGHTS, source="bundled weights/"))
-        return EnsembleModel(Ensemble([lite0, resnet50.model()], ENSEMBLE_WEIGHTS), ENSEMBLE_METRICS)
+    def ensemble() -> Ensemble:
+        # Its members are shared with the other choices: ResNet50's (loaded here if it isn't yet), and the default
+        # when it is the bundled Lite0 (else the ensemble loads its own Lite0 from weights/).
+        loaded = {BUNDLED_RESNET50: resnet50.model()} | ({BUNDLED_WEIGHTS: default} if is_bundled(default) else {})
+        return Ensemble.from_folder(BUNDLED_ENSEMBLE, members=loaded)
 
-    weights = " / ".join(f"{w:g}" for w in ENSEMBLE_WEIGHTS)
-    return [resnet50, ModelChoice(ENSEMBLE, "Lite0 + ResNet50 ensemble", ensemble, ENSEMBLE_METRICS,
+    try:
+        weights = " / ".join(f"{w:g}" for w in read_ensemble_folder(BUNDLED_ENSEMBLE).weights)
+    except WeightsError as exc:  # a damaged ensemble.json: the page offers the others
+        log.warning("The bundled ensemble isn't offered: %s", exc)
+        return [resnet50]
+    return [resnet50, ModelChoice(ENSEMBLE, "Lite0 + ResNet50 ensemble", ensemble, read_metrics(BUNDLED_ENSEMBLE),
                                   ENSEMBLE_ABOUT.format(weights=weights), RESNET50_FIX)]
-
-
-# ---- an ensemble, as the handlers use a Captioner -----------------------------------------------------------
-
-
-class EnsembleModel:
-    """A captioner.Ensemble with what the page's handlers use of a Captioner: captions of a decode worker's pixels
-    (one decode: each member's encoder gets them at its own input size), a batch's, explanations, warmup, facts.
-
-    What the ensemble can't do itself is borrowed, and says so: the objects come from the first member with the
-    ImageNet classifier; the word-by-word view (each word's probability and heatmap) is its heaviest member's, for
-    the ensemble's caption (Grad-CAM follows one network's gradient); unfamiliar photos aren't flagged (familiar:
-    None), since the flag's threshold was set on one model's own captions.
-    """
-
-    def __init__(self, ensemble: Ensemble, metrics: dict | None = None):
-        self.ensemble = ensemble
-        self.members: list[Captioner] = ensemble.members
-        self.metrics = metrics
-        self.input_size = self.members[0].encoder.input_size  # what the decode worker makes; the others are resized
-        self.seer = next((i for i, member in enumerate(self.members) if member.head is not None), None)
-        self.explainer = self.members[int(np.argmax(ensemble.weights))]
-        self.explained_by = f"the ensemble's {ENCODER_NAMES.get(self.explainer.config.encoder, self.explainer.config.encoder)} member"
-
-    def decoding_options(self, options: DecodingOptions | None = None, **overrides) -> DecodingOptions:
-        return self.ensemble.decoding_task(options, **overrides).options
-
-    def caption_pixels(self, pixels: np.ndarray, options: DecodingOptions | None = None) -> list[Caption]:
-        """(n, h, w, 3) uint8 pixels at `input_size` -> their captions, with what the classifier sees."""
-        options = self.decoding_options(options)  # bad options are refused before the encoders run
-        features = [member.encode_pixels(fit_pixels(pixels, member.encoder.input_size)) for member in self.members]
-        captions = self.ensemble.caption_features(features, options)
-        if self.seer is None:
-            return captions
-        head = self.members[self.seer].head
-        return [dataclasses.replace(caption, objects=head.objects(row))
-                for caption, row in zip(captions, head.probabilities(features[self.seer]))]
-
-    def caption_batch(self, images, options: DecodingOptions | None = None) -> list[Caption]:
-        """Images (the decode workers' pixels, or what Captioner.prepare_pixels takes) -> their captions."""
-        options = self.decoding_options(options)
-        return self.caption_pixels(self.members[0].prepare_pixels(images), options)
-
-    def explain_pixels(self, pixels: np.ndarray, display=None, options: DecodingOptions | None = None) -> Explanation:
-        """The ensemble's caption of one image's pixels, word by word as its heaviest member sees that caption."""
-        (caption,) = self.caption_pixels(np.asarray(pixels)[None], options)
-        member_pixels = fit_pixels(np.asarray(pixels)[None], self.explainer.encoder.input_size)[0]
-        # The caption is given: only the member's word probabilities and heatmaps are asked of it.
-        explanation = self.explainer.explain_pixels(member_pixels, display, caption=caption.text,
-                                                    options=DecodingOptions("greedy", name_objects=False))
-        return dataclasses.replace(explanation, caption=caption)
-
-    def warmup(self) -> None:
-        for member in self.members:
-            member.warmup()
-
-    @property
-    def description(self) -> dict:
-        """The facts line's: the members' encoders with their weights, where their weights come from, the scores."""
-        members = [(member.config.encoder, weight, member.weights.source if member.weights else "unknown source")
-                   for member, weight in zip(self.members, self.ensemble.weights)]
-        return {"encoder": " + ".join(f"{encoder} ({weight:g})" for encoder, weight, _ in members),
-                "vocab_size": len(self.ensemble.vocab), "source": " + ".join(source for _, _, source in members),
-                "revision": None, "metrics": self.metrics}
-
-
-def fit_pixels(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """(n, h, w, 3) uint8 pixels -> the same images at `size` (width, height), as the decode worker resizes."""
-    pixels = np.asarray(pixels)
-    if (pixels.shape[2], pixels.shape[1]) == tuple(size):
-        return pixels
-    return np.stack([resize_for_encoder(Image.fromarray(image), tuple(size)) for image in pixels])
