@@ -32,12 +32,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .decoding import Caption, DecodingOptions, DecodingTask
+from .decoding import Caption, DecodingOptions, DecodingTask, Naming, mean_token_log_prob
 from .encoder import ENCODER_NAMES, ENCODERS
 from .explain import Explanation
 from .image import fit_pixels, load_image, resize_for_encoder
 from .inference import Captioner
 from .model import StepModel
+from .visual import new_output_units
 from .weights import METRICS_FILE, WeightsError, read_folder
 
 ENSEMBLE_FILE = "ensemble.json"  # what makes a folder an ensemble's: its members, their weights, how they were chosen
@@ -68,6 +69,13 @@ class EnsembleStepModel:
         self.feature_dims = [member.image_kernel.shape[0] for member in members]
         self._feature_ends = np.cumsum(self.feature_dims)[:-1]
         self._image_ends = np.cumsum([member.units for member in members])[:-1]
+
+    def with_new_words(self, embeddings: np.ndarray, output_kernels: Sequence[np.ndarray],
+                       output_biases: Sequence[np.ndarray]) -> EnsembleStepModel:
+        """StepModel.with_new_words for every member: the same new words' input vectors, each member's own output
+        units for them (in member order). This ensemble is left as it is."""
+        return EnsembleStepModel([member.with_new_words(embeddings, kernel, bias) for member, kernel, bias
+                                  in zip(self.members, output_kernels, output_biases)], self.weights)
 
     def project_image(self, features: np.ndarray) -> np.ndarray:
         """(n, sum of the members' feature dims): each member's features side by side, in member order ->
@@ -311,24 +319,41 @@ class Ensemble:
                 raise ValueError(f"Model {number} ({member.config.encoder}) reads {member.config.feature_dim:,} features per image, "
                                  f"not {np.shape(member_features)[1:]}: give each model's features in model order.")
         side_by_side = np.concatenate([np.asarray(f, np.float32) for f in features], axis=1)
-        found = task.run(side_by_side)
-        # What the encoder sees is the first classifier's among the members. Familiarity (familiar, familiarity) is
-        # left None: its threshold was chosen on one model's own captions and features, which an ensemble's aren't.
-        if self.seer is None:
-            return [Caption.from_hypotheses(self.vocab, hypotheses) for hypotheses in found]
-        head = self.members[self.seer].head
-        return [Caption.from_hypotheses(self.vocab, hypotheses, objects=head.objects(row))
-                for hypotheses, row in zip(found, head.probabilities(features[self.seer]))]
+        seer = self.members[self.seer] if self.seer is not None else None
+        seer_features = features[self.seer] if seer is not None else None
+        probabilities = seer._class_probabilities(seer_features) if seer is not None else None
+        found = task.run(side_by_side, class_probabilities=probabilities)
+        if seer is None:
+            return [Caption.from_hypotheses(task.words, hypotheses) for hypotheses in found]
+        # What the encoder sees, and how familiar the photo is, are the first classifier's among the members: its
+        # objects, and its flag for the ensemble's caption (the bundled flag reads the features and the
+        # classifier, not the caption: visual.json's sureness_weight is 0).
+        described = seer._described(seer_features, probabilities, [mean_token_log_prob(h[0]) for h in found])
+        return [Caption.from_hypotheses(task.words, hypotheses, **extra) for hypotheses, extra in zip(found, described)]
 
     @cached_property
     def seer(self) -> int | None:
         """The index of the first member with the ImageNet classifier (whose objects the captions carry); None: none has."""
         return next((i for i, member in enumerate(self.members) if member.head is not None), None)
 
+    @cached_property
+    def naming(self) -> Naming | None:
+        """What DecodingOptions.name_objects needs, for the ensemble: the classifier's member's word map, and every
+        member grown by its new words, each with output units transferred from its own output layer (the members'
+        embeddings are the same GloVe vectors, so the same neighbours). None: that member has no word map."""
+        if self.seer is None or self.members[self.seer].naming is None:
+            return None
+        visual_words = self.members[self.seer].naming.visual_words
+        units = [new_output_units(m.step_model.output_kernel, m.step_model.output_bias, m.step_model.embeddings,
+                                  visual_words.new_embeddings) for m in self.members]
+        grown = self.step_model.with_new_words(visual_words.new_embeddings, [k for k, _ in units], [b for _, b in units])
+        return Naming(visual_words, self.members[self.seer].naming.vocab, grown)
+
     def decoding_task(self, options: DecodingOptions | None = None, **overrides) -> DecodingTask:
         """As Captioner.decoding_task: `options` with `overrides`, resolved for the ensemble."""
         options = dataclasses.replace(options or DecodingOptions(), **overrides)
-        return DecodingTask(self.step_model, self.vocab, options, self.max_new_tokens)
+        return DecodingTask(self.step_model, self.vocab, options, self.max_new_tokens,
+                            self.naming if options.name_objects else None)
 
     def decoding_options(self, options: DecodingOptions | None = None, **overrides) -> DecodingOptions:
         """`options` with `overrides`, checked against the ensemble's vocabulary (see decoding_task)."""
@@ -363,8 +388,9 @@ class Ensemble:
         member = self.explainer
         member_pixels = fit_pixels(pixels[None], member_input_size(member))[0]
         # The caption is given: only the member's word probabilities and heatmaps are asked of it.
+        # (name_objects: the caption may hold a word the classifier's member added, which the explainer reads grown.)
         explanation = member.explain_pixels(member_pixels, pixels if display is None else display, caption=caption.text,
-                                            options=DecodingOptions("greedy", name_objects=False))
+                                            options=DecodingOptions("greedy", name_objects=True))
         return dataclasses.replace(explanation, caption=caption)
 
     # ---- serving ---------------------------------------------------------------------------------------

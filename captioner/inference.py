@@ -196,7 +196,7 @@ class Captioner:
         See captioner/explain.py.
         """
         task = self.decoding_task(options, **overrides)
-        given = None if caption is None else caption_ids(self.vocab, caption)  # refused before any work
+        given = None if caption is None else caption_ids(task.words, caption)  # refused before any work (named words too)
         photo = load_image(image, target_size=self.encoder.input_size)
         return self._explain(task, resize_for_encoder(photo, self.encoder.input_size), photo, given)
 
@@ -207,7 +207,7 @@ class Captioner:
         display: the photo to draw the heatmaps on, aspect kept (PIL image or uint8 array); None: the pixels.
         """
         task = self.decoding_task(options, **overrides)
-        given = None if caption is None else caption_ids(self.vocab, caption)
+        given = None if caption is None else caption_ids(task.words, caption)
         photo = display if isinstance(display, Image.Image) else Image.fromarray(np.asarray(pixels if display is None else display))
         return self._explain(task, pixels, photo, given)
 

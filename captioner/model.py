@@ -135,7 +135,7 @@ class StepModel:
         layer_weights = model.__getitem__ if isinstance(model, Mapping) else lambda name: model.get_layer(name).get_weights()
         weights = lambda name: [np.asarray(w, dtype=np.float32) for w in layer_weights(name)]
         self.image_kernel, self.image_bias = weights("image_dense")
-        (embeddings,) = weights("word_embedding")
+        (self.embeddings,) = (embeddings,) = weights("word_embedding")  # GloVe's vectors (new words' neighbours)
         self.input_kernel, self.recurrent_kernel, self.lstm_bias = weights("text_lstm")  # Keras' gate order: input, forget, cell, output
         # Each token's input projection, precomputed: one row lookup instead of a matmul per step.
         self.token_gates = embeddings @ self.input_kernel + self.lstm_bias

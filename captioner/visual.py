@@ -25,6 +25,8 @@ import numpy as np
 # the classifier gives at least this probability (its top class always).
 TOP_OBJECTS = 3
 MIN_OBJECT_PROBABILITY = 0.05
+# A word new to the vocabulary starts from the output units of this many of its nearest old words.
+OUTPUT_UNIT_NEIGHBOURS = 5
 
 
 # What the bundled model knows, for the sentence that flags an unfamiliar photo (Flickr8k's world).
@@ -50,6 +52,29 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     shifted = logits - logits.max(axis=-1, keepdims=True)
     exp = np.exp(shifted)
     return exp / exp.sum(axis=-1, keepdims=True)
+
+
+def new_output_units(kernel: np.ndarray, bias: np.ndarray, old_vectors: np.ndarray, new_vectors: np.ndarray):
+    """(units, old) kernel and (old,) bias of the output layer, the old and new words' GloVe vectors -> the new words'
+    (units, new) kernel columns and (new,) biases: each the mean of its OUTPUT_UNIT_NEIGHBOURS nearest old words'
+    (cosine; DCC, Hendricks et al. 2016), special tokens and words without a vector left out; a new word without a
+    vector gets the mean of all old words'. The old vectors are the model's own embedding (GloVe, frozen), so any
+    model of the vocabulary grows the same words from its own output layer (an ensemble's members: ensemble.py)."""
+    from .vocabulary import SPECIAL_TOKENS
+
+    candidates = np.flatnonzero(np.linalg.norm(old_vectors, axis=1) > 0)
+    candidates = candidates[candidates >= len(SPECIAL_TOKENS)]
+    cosines = _unit_rows(new_vectors) @ _unit_rows(old_vectors[candidates]).T
+    nearest = candidates[np.argsort(-cosines, axis=1, kind="stable")[:, :OUTPUT_UNIT_NEIGHBOURS]]
+    columns, biases = kernel[:, nearest].mean(axis=2), bias[nearest].mean(axis=1)
+    without_vector = np.linalg.norm(new_vectors, axis=1) == 0
+    columns[:, without_vector] = kernel[:, len(SPECIAL_TOKENS):].mean(axis=1, keepdims=True)
+    biases[without_vector] = bias[len(SPECIAL_TOKENS):].mean()
+    return columns.astype(kernel.dtype), biases.astype(bias.dtype)
+
+
+def _unit_rows(vectors: np.ndarray) -> np.ndarray:
+    return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)  # zero rows stay zero
 
 
 def readable_class_name(name: str) -> str:

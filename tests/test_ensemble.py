@@ -255,7 +255,9 @@ def test_pixels_for_members_of_different_input_sizes_caption_as_the_images(pair,
     assert [c.objects for c in from_pixels] == [c.objects for c in pair.caption_batch(list(pixels), method="beam", beam_width=3)]
 
 
-def test_the_objects_are_the_first_classifiers_and_familiarity_is_unknown(pair, example_images):
+def test_the_objects_and_the_flag_are_the_first_classifiers(pair, example_images):
+    """(The tiny classifier's member has no flag: the captions have none. With the bundled members, the ensemble
+    flags photos as Lite0 does: tests/test_visual.py.)"""
     seer = pair.members[1]
     assert pair.members[0].head is None and pair.seer == 1
     captions = pair.caption_batch(example_images[:3], method="greedy")

@@ -13,7 +13,8 @@ import pytest
 
 from captioner import Captioner, DecodingOptions
 from captioner.decoding import ConstrainedBeamSearchDecoder, DecodingTask, Naming
-from captioner.visual import VisualWords, unfamiliar_note
+from captioner.ensemble import Ensemble
+from captioner.visual import VisualWords, new_output_units, unfamiliar_note
 from captioner.weights import HEAD_FILE, VISUAL_SETTINGS_FILE, WeightsError, read_folder
 from tests import reference_decoding
 from tests.conftest import EXAMPLES, FLICKR8K, ROOT, SHARED
@@ -202,6 +203,32 @@ def test_the_constrained_decoder_keeps_an_images_beams_per_set_of_named_groups(t
     finished = task._decode(decoder, naming.model, features)[0]
     assert len(decoder.finished[0]) == 4  # none, cat, ball, both
     assert all({"cat", "ball"} <= set(task.words.decode(h.tokens).split()) for h in finished)
+
+
+def test_a_new_words_output_unit_follows_from_the_models_own_output_layer(bundled):
+    """A new word's output unit is the mean of its nearest words' (by GloVe vectors, which are the model's own frozen
+    embedding): recomputed from the network alone, the units are the folder's stored ones, so any model of the
+    vocabulary (an ensemble's member without a word map) grows the same words from its own output layer."""
+    words, model = bundled.naming.visual_words, bundled.step_model
+    kernel, bias = new_output_units(model.output_kernel, model.output_bias, model.embeddings, words.new_embeddings)
+    np.testing.assert_array_equal(kernel, words.new_output_kernel)
+    np.testing.assert_array_equal(bias, words.new_output_bias)
+
+
+def test_an_ensemble_of_the_model_with_itself_names_objects_and_flags_photos_as_the_model(bundled, example_features):
+    """The ensemble names what its classifier's member sees (every member grown by the new words) and carries that
+    member's objects and flag: with the model twice, exactly the model's captions, objects and flags."""
+    ensemble = Ensemble([bundled, bundled])
+    features = np.stack(list(example_features.values()))
+    for options in (DecodingOptions(), DecodingOptions("greedy")):
+        ours, theirs = ensemble.caption_features([features, features], options), bundled.caption_features(features, options)
+        assert [c.text for c in ours] == [c.text for c in theirs]
+        assert [(c.objects, c.familiar) for c in ours] == [(c.objects, c.familiar) for c in theirs]
+        np.testing.assert_allclose([c.familiarity for c in ours], [c.familiarity for c in theirs], rtol=1e-5)
+    coffee = list(example_features).index("coffee.jpg")
+    assert "coffee" in ours[coffee].text.split()  # espresso, named
+    assert ensemble.caption_features([features, features], name_objects=False)[coffee].text == \
+        bundled.caption_features(features, name_objects=False)[coffee].text
 
 
 # ---- the familiarity flag ---------------------------------------------------------------------------------

@@ -29,10 +29,11 @@ from pathlib import Path
 import numpy as np
 
 from captioner.model import ModelConfig, build_caption_model
+from captioner.visual import OUTPUT_UNIT_NEIGHBOURS as NEIGHBOURS  # old words whose output units a new word's starts from
+from captioner.visual import new_output_units
 from captioner.vocabulary import SPECIAL_TOKENS, Vocabulary, normalize_caption
 from captioner.weights import load_vocabulary, read_decoder_weights, read_folder
 
-NEIGHBOURS = 5  # old words whose output units a new word's starts from
 LEARNING_RATE = 1e-4  # Adam's, a tenth of training from scratch: the folder's knowledge is moved, not overwritten
 
 
@@ -82,20 +83,3 @@ def grown_weights(weights: dict[str, list[np.ndarray]], embedding: np.ndarray) -
                       "next_word": [np.concatenate([kernel, new_kernel], axis=1), np.concatenate([bias, new_bias])]}
 
 
-def new_output_units(kernel: np.ndarray, bias: np.ndarray, old_vectors: np.ndarray, new_vectors: np.ndarray):
-    """(units, old) kernel and (old,) bias of the output layer, the old and new words' GloVe vectors -> the new words'
-    (units, new) kernel columns and (new,) biases: each the mean of its NEIGHBOURS nearest old words' (cosine), special
-    tokens and words without a vector left out; a new word without a vector gets the mean of all old words'."""
-    candidates = np.flatnonzero(np.linalg.norm(old_vectors, axis=1) > 0)
-    candidates = candidates[candidates >= len(SPECIAL_TOKENS)]
-    cosines = _unit_rows(new_vectors) @ _unit_rows(old_vectors[candidates]).T
-    nearest = candidates[np.argsort(-cosines, axis=1, kind="stable")[:, :NEIGHBOURS]]
-    columns, biases = kernel[:, nearest].mean(axis=2), bias[nearest].mean(axis=1)
-    without_vector = np.linalg.norm(new_vectors, axis=1) == 0
-    columns[:, without_vector] = kernel[:, len(SPECIAL_TOKENS):].mean(axis=1, keepdims=True)
-    biases[without_vector] = bias[len(SPECIAL_TOKENS):].mean()
-    return columns.astype(kernel.dtype), biases.astype(bias.dtype)
-
-
-def _unit_rows(vectors: np.ndarray) -> np.ndarray:
-    return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)  # zero rows stay zero

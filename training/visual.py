@@ -18,7 +18,7 @@ The word map (captioner.visual.VisualWords): which caption word each ImageNet cl
   cat, an espresso is coffee), else the last word of its name ("Egyptian cat" -> "cat", "pizza"), if the vocabulary
   has it or it is among GloVe's MAX_NAME_RANK most frequent words.
   A word the vocabulary lacks is added for naming only, with its GloVe input row and its output unit transferred
-  from its NEIGHBOURS nearest words (training.finetune.new_output_units).
+  from its NEIGHBOURS nearest words (captioner.visual.new_output_units).
 - A word also counts in its plural ("dog" or "dogs"), when the vocabulary has it.
 
 The required probability (how sure the classifier must be of a word before the caption must say it) and the most
@@ -51,7 +51,7 @@ from captioner.weights import BUNDLED_WEIGHTS, VISUAL_SETTINGS_FILE, VISUAL_WEIG
 from training.config import option, parse_config
 from training.evaluate import coco_scores
 from training.features import load_features
-from training.finetune import new_output_units
+from captioner.visual import new_output_units
 from training.glove import load_glove
 from training.prepare import DEFAULT_WORK_DIR
 

@@ -57,8 +57,8 @@ RESNET50_ABOUT = (
 )
 ENSEMBLE_ABOUT = (
     "EfficientNet-Lite0 and ResNet50 choosing each word together (weights {weights}): the best scores, and both "
-    "encoders run, so each caption takes longer. What the image classifier sees is Lite0's; the caption doesn't name "
-    "it and unfamiliar photos aren't flagged. Word by word, the page shows Lite0's view of the ensemble's caption."
+    "encoders run, so each caption takes longer. What the image classifier sees, the words the caption names and the "
+    "unfamiliar-photo flag are Lite0's. Word by word, the page shows Lite0's view of the ensemble's caption."
 )
 
 
