@@ -6,7 +6,8 @@
                      filters and the decoder, worked out once; its `run` is the one decoding loop
     TokenDecoder     how the next tokens are chosen: GreedyDecoder, BeamSearchDecoder, SamplingDecoder, and
                      ConstrainedBeamSearchDecoder for captions that must name given words (name_objects)
-    LogitFilter      a rule that forbids tokens at a step: NoRepeatNgram
+    LogitFilter      a rule that forbids tokens at a step: NoRepeatNgram, and NoCutOffEnding where the vocabulary
+                     names the words no caption ends on
     Hypothesis       one caption's tokens, log-probability and score; Caption, one image's result
 
 Each step the network (model.StepModel) gives every live caption's next-token logits, and the task turns
@@ -231,6 +232,21 @@ class NoRepeatNgram(LogitFilter):
         log_probs[rows, captions[rows, starts + n - 1]] = -np.inf  # the token that followed it then
 
 
+class NoCutOffEnding(LogitFilter):
+    """No caption ends mid-phrase: <end> gets zero probability right after a word that (almost) never ends a
+    training caption ("a", "the", "on": Vocabulary.never_final), so "sitting on a bench in a" goes on or loses to
+    "sitting on a bench". Folders written before the rule have no such words: nothing is forbidden."""
+
+    def __init__(self, never_final: np.ndarray, end_id: int):
+        """never_final: (vocab,) bool over the task's words (Vocabulary.never_final_ids)."""
+        self.never_final, self.end_id = never_final, end_id
+
+    def apply(self, log_probs: np.ndarray, captions: np.ndarray) -> None:
+        captions = np.asarray(captions)
+        if captions.shape[1]:
+            log_probs[self.never_final[captions[:, -1]], self.end_id] = -np.inf
+
+
 # ---- the task: one decoding setting for one model ---------------------------------------------------
 
 
@@ -245,7 +261,7 @@ class Naming:
 
     @classmethod
     def grown(cls, model: StepModel, vocab: Vocabulary, visual_words: VisualWords) -> Naming:
-        return cls(visual_words, Vocabulary([*vocab.itos[len(SPECIAL_TOKENS) :], *visual_words.new_words]),
+        return cls(visual_words, Vocabulary([*vocab.itos[len(SPECIAL_TOKENS) :], *visual_words.new_words], vocab.never_final),
                    model.with_new_words(visual_words.new_embeddings, visual_words.new_output_kernel,
                                         visual_words.new_output_bias))
 
@@ -267,6 +283,8 @@ class DecodingTask:
         self.logit_filters: list[LogitFilter] = []
         if options.no_repeat_ngram_size:
             self.logit_filters.append(NoRepeatNgram(options.no_repeat_ngram_size))
+        if self.words.never_final:
+            self.logit_filters.append(NoCutOffEnding(self.words.never_final_ids, vocab.end_id))
         # The vocabulary's rule as what the logits are offset by: 0 where a token is allowed, -inf where not
         # (for the grown vocabulary as well, where the decoder forbids the new words an image doesn't need).
         self._token_masks = {(len(v), first): np.where(v.allowed_tokens(first), 0.0, -np.inf).astype(np.float32)

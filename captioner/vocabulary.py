@@ -21,6 +21,13 @@ SPECIAL_TOKENS = (PAD, START, END, UNK)  # ids 0..3; PAD must be 0 for mask_zero
 
 _NON_LETTERS = re.compile(r"[^a-z\s]")
 
+# A caption may not end on a word that ends fewer than this share of the training captions it appears in ("a",
+# "the", "on", "red" end under 1%; "grass" 25%): self-critical training and the length penalty otherwise let a
+# caption stop mid-phrase ("a little girl is sitting on a bench in a"). Words seen in fewer than
+# MIN_CAPTIONS_FOR_ENDINGS training captions are left free: too few to tell.
+MIN_FINAL_SHARE = 0.01
+MIN_CAPTIONS_FOR_ENDINGS = 20
+
 
 def normalize_caption(text: str) -> list[str]:
     """Lowercase, strip punctuation and keep only alphabetic words.
@@ -32,14 +39,18 @@ def normalize_caption(text: str) -> list[str]:
 
 
 class Vocabulary:
-    """Maps words to ids and back. Ids 0..3 are the special tokens."""
+    """Maps words to ids and back. Ids 0..3 are the special tokens.
 
-    def __init__(self, words: Iterable[str]):
+    never_final: the words a generated caption may not end on (`never_final_words`; vocab.json's "never_final",
+    empty for folders written before it): decoding forbids <end> right after them (decoding.NoCutOffEnding)."""
+
+    def __init__(self, words: Iterable[str], never_final: Iterable[str] = ()):
         words = [w for w in words if w not in SPECIAL_TOKENS]
         self.itos: list[str] = list(SPECIAL_TOKENS) + words
         self.stoi: dict[str, int] = {w: i for i, w in enumerate(self.itos)}
         if len(self.stoi) != len(self.itos):
             raise ValueError("vocabulary words must be unique")
+        self.never_final: frozenset[str] = frozenset(w for w in never_final if w in self.stoi)
 
     pad_id = property(lambda self: self.stoi[PAD])
     start_id = property(lambda self: self.stoi[START])
@@ -72,6 +83,14 @@ class Vocabulary:
             mask.flags.writeable = False
         return {True: first, False: later}
 
+    @cached_property
+    def never_final_ids(self) -> np.ndarray:
+        """(vocab,) bool, read-only: True for the words a caption may not end on."""
+        mask = np.zeros(len(self), bool)
+        mask[[self.stoi[w] for w in self.never_final]] = True
+        mask.flags.writeable = False
+        return mask
+
     @classmethod
     def from_captions(cls, captions: Iterable[str], min_count: int = 10) -> "Vocabulary":
         """Words seen more than `min_count` times, most frequent first (ties alphabetical)."""
@@ -95,11 +114,25 @@ class Vocabulary:
         return " ".join(words)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps({"itos": self.itos}, indent=0) + "\n")
+        content = {"itos": self.itos} | ({"never_final": sorted(self.never_final)} if self.never_final else {})
+        Path(path).write_text(json.dumps(content, indent=0) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> "Vocabulary":
-        itos = json.loads(Path(path).read_text())["itos"]
+        content = json.loads(Path(path).read_text())
+        itos = content["itos"]
         if tuple(itos[: len(SPECIAL_TOKENS)]) != SPECIAL_TOKENS:
             raise ValueError(f"{path}: the first ids must be the special tokens {SPECIAL_TOKENS}")
-        return cls(itos[len(SPECIAL_TOKENS) :])
+        return cls(itos[len(SPECIAL_TOKENS) :], content.get("never_final", ()))
+
+
+def never_final_words(captions: Iterable[str], words: Iterable[str]) -> list[str]:
+    """Of `words`, those that end fewer than MIN_FINAL_SHARE of the captions they appear in, among the words seen
+    in at least MIN_CAPTIONS_FOR_ENDINGS captions (training's: prepare.py)."""
+    seen, final = Counter(), Counter()
+    for caption in captions:
+        tokens = normalize_caption(caption)
+        if tokens:
+            seen.update(set(tokens))
+            final[tokens[-1]] += 1
+    return sorted(w for w in words if seen[w] >= MIN_CAPTIONS_FOR_ENDINGS and final[w] < MIN_FINAL_SHARE * seen[w])

@@ -1,10 +1,10 @@
 """The straightforward decoders that the fast ones in captioner/decoding.py must agree with.
 
 These are the decoders as first written (one image at a time in Python inside each beam step, the
-LSTM gate by gate, the vocabulary's rule and n-gram blocking written out caption by caption): easy to
-check by reading, and slow. The fast decoders (DecodingTask's GreedyDecoder and BeamSearchDecoder) choose
-with array operations over all images at once; tests/test_decoding_reference.py checks that both give the
-same captions and scores.
+LSTM gate by gate, the vocabulary's rule, n-gram blocking and the words no caption ends on written out caption
+by caption): easy to check by reading, and slow. The fast decoders (DecodingTask's GreedyDecoder and
+BeamSearchDecoder) choose with array operations over all images at once; tests/test_decoding_reference.py
+checks that both give the same captions and scores.
 """
 
 from __future__ import annotations
@@ -55,6 +55,13 @@ def forbid_repeated_ngrams(log_probs: np.ndarray, captions: list[tuple[int, ...]
                 log_probs[row, caption[i + n - 1]] = -np.inf
 
 
+def forbid_cut_off_endings(log_probs: np.ndarray, captions: list[tuple[int, ...]], vocab: Vocabulary) -> None:
+    """In place: <end> gets zero probability right after a word the vocabulary says no caption ends on."""
+    for row, caption in enumerate(captions):
+        if caption and vocab.itos[caption[-1]] in vocab.never_final:
+            log_probs[row, vocab.end_id] = -np.inf
+
+
 def start(model: StepModel, vocab: Vocabulary, image: np.ndarray, prefix: tuple[int, ...]):
     """Feed <start> and the prefix to every row: -> (state, logits after the last one, the prefix's log-prob)."""
     n = len(image)
@@ -81,6 +88,7 @@ def greedy_decode(
             logits, state = reference_step(model, image, tokens, state)
         step_log_probs = allowed_log_probs(logits, vocab, first_step=not prefix and step == 0)
         forbid_repeated_ngrams(step_log_probs, captions, options.no_repeat_ngram_size)
+        forbid_cut_off_endings(step_log_probs, captions, vocab)
         tokens = np.where(finished, vocab.end_id, step_log_probs.argmax(axis=-1))
         log_probs += np.where(finished, 0.0, step_log_probs[np.arange(n), tokens])
         captions = [c if done else c + (int(t),) for c, t, done in zip(captions, tokens, finished)]
@@ -113,6 +121,7 @@ def beam_search_decode(
         h, c = state
         step_log_probs = allowed_log_probs(logits, vocab, first_step=not prefix and step == 0)
         forbid_repeated_ngrams(step_log_probs, captions, options.no_repeat_ngram_size)
+        forbid_cut_off_endings(step_log_probs, captions, vocab)
         candidate_scores = scores[:, None] + step_log_probs
         last_step = step == steps - 1
 
@@ -184,6 +193,7 @@ def constrained_beam_search_decode(
         if step or prefix:
             offsets[np.arange(len(captions)), [caption[-1] for caption in captions]] = -np.inf
         log_probs = allowed_log_probs(logits + offsets, grown, first_step=not prefix and step == 0)
+        forbid_cut_off_endings(log_probs, captions, grown)
         candidate_scores = np.asarray(scores)[:, None] + log_probs
         last_step = step == steps - 1
         next_rows, next_tokens, next_scores, next_sets = [], [], [], []

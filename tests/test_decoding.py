@@ -6,8 +6,8 @@ import dataclasses
 import numpy as np
 import pytest
 
-from captioner.decoding import DecodingOptions, DecodingTask, NoRepeatNgram
-from captioner.vocabulary import SPECIAL_TOKENS
+from captioner.decoding import DecodingOptions, DecodingTask, Naming, NoCutOffEnding, NoRepeatNgram
+from captioner.vocabulary import SPECIAL_TOKENS, Vocabulary
 from tests.conftest import ROOT
 
 GREEDY = DecodingOptions("greedy")
@@ -143,6 +143,17 @@ def test_no_caption_repeats_a_trigram_when_asked(parts, options):
             assert len(trigrams) == len(set(trigrams))
 
 
+def test_the_cut_off_rule_forbids_the_end_right_after_those_words():
+    never_final = np.zeros(10, bool)
+    never_final[[4, 6]] = True
+    log_probs = np.zeros((3, 10))
+    NoCutOffEnding(never_final, end_id=2).apply(log_probs, np.array([(5, 4), (4, 5), (7, 6)]))
+    assert np.isneginf(log_probs).tolist() == [[i == 2 for i in range(10)], [False] * 10, [i == 2 for i in range(10)]]
+    empty = np.zeros((1, 10))
+    NoCutOffEnding(never_final, end_id=2).apply(empty, np.zeros((1, 0), np.int64))  # nothing yet: <end> is the vocabulary's
+    assert not np.isneginf(empty).any()
+
+
 def test_options_convert_request_values_and_default_to_the_recommended_decoding():
     assert DecodingOptions() == DecodingOptions("beam", 5, None, 2.0, "", 0, 1.0, 0.9, None)
     assert DecodingOptions(" Beam ", "4", 12.0, "0.5") == DecodingOptions("beam", 4, 12, 0.5)
@@ -263,3 +274,21 @@ def test_first_words_are_drawn_from_the_tempered_nucleus(bundled, photo_features
     observed = np.bincount(draws, minlength=len(vocab)) / len(draws)
     assert observed[expected_in_nucleus == 0].sum() == 0  # nothing outside the nucleus
     np.testing.assert_allclose(observed, expected_in_nucleus, atol=0.012)  # 20,000 draws: a few standard errors
+
+
+@pytest.mark.parametrize("options", [GREEDY, BEAM, DecodingOptions(), SAMPLE, DecodingOptions(name_objects=False)], ids=str)
+def test_no_caption_ends_on_a_word_the_vocabulary_says_none_ends_on(bundled, photo_features, options):
+    """The words the bundled model's captions of the examples end on, made words no caption ends on: every caption
+    goes on past them (or runs to the budget). Without such words (a folder written before the rule) it decodes as
+    before: the tiny model's tests above, and tests/test_decoding_reference.py."""
+    vocab, words = bundled.vocab, bundled.vocab.itos[len(SPECIAL_TOKENS):]
+
+    def endings(vocabulary) -> set[int]:
+        naming = Naming.grown(bundled.step_model, vocabulary, bundled.naming.visual_words) if options.name_objects else None
+        task = DecodingTask(bundled.step_model, vocabulary, options, bundled.config.max_new_tokens, naming)
+        found = task.run(photo_features, class_probabilities=bundled.head.probabilities(photo_features))
+        return {h.tokens[-2] for hyps in found for h in hyps if len(h.tokens) > 1 and h.tokens[-1] == vocab.end_id}
+
+    enders = {t for t in endings(Vocabulary(words)) if t < len(vocab)}  # no rule (the words naming adds may end one)
+    assert enders
+    assert not endings(Vocabulary(words, never_final=[vocab.itos[t] for t in enders])) & enders

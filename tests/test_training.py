@@ -16,7 +16,7 @@ from PIL import Image, ImageDraw
 
 from captioner import Captioner
 from captioner.vocabulary import SPECIAL_TOKENS, Vocabulary
-from captioner.weights import read_folder
+from captioner.weights import BUNDLED_WEIGHTS, read_folder
 from training import run_all
 from training.evaluate import COCO_METRICS
 from training.flickr8k import SPLIT_FILES, read_captions
@@ -49,8 +49,9 @@ def run_pipeline(data: Path, work: Path, out: Path, *options: str) -> None:
 def test_full_training_vocabulary_and_missing_images(tmp_path):
     dataset = prepare(PrepareConfig(FLICKR8K, tmp_path))
     # Words seen more than 10 times in the 30,000 training captions.
-    assert dataset["vocabulary"] == {"min_count": 10, "words": 1560, "ids": 1560 + len(SPECIAL_TOKENS)}
-    assert len(Vocabulary.load(tmp_path / "vocab.json")) == 1564
+    assert dataset["vocabulary"] == {"min_count": 10, "words": 1560, "ids": 1560 + len(SPECIAL_TOKENS), "never_final": 335}
+    vocab = Vocabulary.load(tmp_path / "vocab.json")
+    assert len(vocab) == 1564 and vocab.never_final == Vocabulary.load(BUNDLED_WEIGHTS / "vocab.json").never_final  # the bundled rule
     assert {split: len(images) for split, images in dataset["splits"].items()} == {"train": 6000, "dev": 1000, "test": 1000}
     assert all(len(captions) == 5 for images in dataset["splits"].values() for captions in images.values())
     assert sorted(dataset["missing_images"]["train"]) == [

@@ -1,6 +1,6 @@
 import numpy as np
 
-from captioner.vocabulary import END, PAD, SPECIAL_TOKENS, START, UNK, Vocabulary, normalize_caption
+from captioner.vocabulary import END, PAD, SPECIAL_TOKENS, START, UNK, Vocabulary, never_final_words, normalize_caption
 
 
 def test_normalize_lowercases_and_keeps_only_alphabetic_words():
@@ -46,3 +46,18 @@ def test_vocabulary_rule_keeps_words_seen_more_than_min_count():
     words = vocab.itos[len(SPECIAL_TOKENS) :]
     assert words == ["a", "dog"]  # "cat" is seen exactly 10 times: not more than 10
     assert Vocabulary.from_captions(captions, min_count=0).itos[len(SPECIAL_TOKENS)] == "a"  # most frequent first
+
+
+def test_the_words_no_caption_ends_on_are_those_training_captions_almost_never_end_on(tmp_path):
+    """A word that ends under 1% of the captions it is in (of those seen in 20 or more) may not end a caption."""
+    captions = ["a dog runs on the grass"] * 150 + ["a dog on the grass runs"] * 49 + ["the dog runs on a"]
+    assert never_final_words(captions, ["a", "dog", "runs", "on", "the", "grass"]) == ["a", "dog", "on", "the"]
+    # "a" ends 1 of the 200 captions it is in (0.5%); "runs" 49 and "grass" 150; "cat" is never seen: free.
+    assert never_final_words(captions[:19] + ["a"], ["a", "dog"]) == []  # 20 captions with "a", one ending on it: 5%
+    vocab = Vocabulary(["a", "dog", "the", "grass"], never_final=["a", "the", "zebra"])
+    assert vocab.never_final == {"a", "the"}  # words the vocabulary lacks are left out
+    assert np.flatnonzero(vocab.never_final_ids).tolist() == [vocab.stoi["a"], vocab.stoi["the"]]
+    vocab.save(tmp_path / "vocab.json")
+    assert Vocabulary.load(tmp_path / "vocab.json").never_final == {"a", "the"}
+    Vocabulary(["a", "dog"]).save(tmp_path / "old.json")  # a folder written before the rule: none
+    assert Vocabulary.load(tmp_path / "old.json").never_final == frozenset()

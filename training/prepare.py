@@ -18,7 +18,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from captioner.vocabulary import Vocabulary, normalize_caption
+from captioner.vocabulary import MIN_FINAL_SHARE, SPECIAL_TOKENS, Vocabulary, never_final_words, normalize_caption
 from training.config import option, parse_config
 from training.datasets import KINDS, SPLITS, DatasetError, SeededSplit, read_dataset
 from training.flickr8k import DEFAULT_DATA_DIR
@@ -70,6 +70,9 @@ def prepare(config: PrepareConfig) -> dict:
         vocab, added = extended_vocabulary(config.init_from, train_captions, min_count)
         dataset["vocabulary"] = {"min_count": min_count, "words": len(vocab) - 4, "ids": len(vocab),
                                  "extends": str(config.init_from), "added_words": added}
+    # The words a caption may not end on, from how the training captions end (captioner/vocabulary.py).
+    vocab = Vocabulary(vocab.itos[len(SPECIAL_TOKENS):], never_final_words(train_captions, vocab.itos[len(SPECIAL_TOKENS):]))
+    dataset["vocabulary"]["never_final"] = len(vocab.never_final)
     dataset["max_length"] = max(lengths)
     dataset["dataset"] = {"kind": config.dataset, "source": str(Path(config.data).resolve())} | source.describe()
 
@@ -104,6 +107,9 @@ def report(dataset: dict) -> None:
               f"{v['min_count']} times{': ' + ', '.join(added[:30]) if added else ''}{' ...' if len(added) > 30 else ''}")
     else:
         print(f"vocabulary: {v['words']} words seen more than {v['min_count']} times + 4 special tokens = {v['ids']} ids")
+    if "never_final" in v:
+        print(f"{v['never_final']} words never end a caption (they end under {MIN_FINAL_SHARE:.0%} of the training captions "
+              "they are in): decoding doesn't stop after them")
     print(f"max caption length: {dataset['max_length']} tokens (with <start> and <end>)")
 
 

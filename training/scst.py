@@ -48,7 +48,7 @@ from tqdm import tqdm
 
 from captioner.decoding import DecodingOptions, DecodingTask, limit_blas_threads
 from captioner.model import ModelConfig, StepModel, build_caption_model
-from captioner.vocabulary import Vocabulary, normalize_caption
+from captioner.vocabulary import SPECIAL_TOKENS, Vocabulary, normalize_caption
 from captioner.weights import (CARD_FILE, CONFIG_FILE, HISTORY_FILE, METRICS_FILE, METRICS_TABLE_FILE, WEIGHTS_FILE,
                                load_vocabulary, read_folder, sha256)
 from training.cider import CiderD
@@ -265,6 +265,9 @@ def self_critical(config: SelfCriticalConfig) -> dict:
     limit_blas_threads()  # the sampler's small matrix products: much faster single-threaded (see decoding.py)
     folder = read_folder(weights)  # refuses a folder whose checksums don't match
     model_config, vocab = folder.config, load_vocabulary(folder)
+    # The samples come from the model's distribution over the tokens the vocabulary allows, which the gradient pass
+    # renormalises over; the rule on endings (decoding.NoCutOffEnding) is serving's, and the dev scores' (as the app).
+    sampled_vocab = Vocabulary(vocab.itos[len(SPECIAL_TOKENS):])
     input_sha = sha256(weights / WEIGHTS_FILE)
     state_dir = state_folder(work_dir, out)
     run = RunState(state_dir)
@@ -294,7 +297,7 @@ def self_critical(config: SelfCriticalConfig) -> dict:
 
     model = build_caption_model(model_config)
     model.load_weights(weights / WEIGHTS_FILE)
-    step = SelfCriticalStep(model, vocab, config.learning_rate, config.dropout)
+    step = SelfCriticalStep(model, sampled_vocab, config.learning_rate, config.dropout)
     if state is None:
         started = time.perf_counter()
         scores = dev.scores(model)
@@ -316,7 +319,7 @@ def self_critical(config: SelfCriticalConfig) -> dict:
     while not state["finished"]:
         epoch = state["epochs_done"] + 1
         started = time.perf_counter()
-        mean_reward = train_epoch(model, step, vocab, reward, train_features, reward_image, model_config, config, epoch)
+        mean_reward = train_epoch(model, step, sampled_vocab, reward, train_features, reward_image, model_config, config, epoch)
         scores = dev.scores(model)
         seconds = time.perf_counter() - started
         history["scst_dev_cider"].append(scores["dev_cider"])
