@@ -17,12 +17,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from captioner.visual import OUTPUT_UNIT_NEIGHBOURS as NEIGHBOURS
+from captioner.visual import new_output_units
 from captioner.vocabulary import Vocabulary
 from captioner.weights import read_folder
 from tests.conftest import FLICKR8K, SHARED
 from training import run_all
 from training.datasets import DatasetError
-from training.finetune import NEIGHBOURS, extended_vocabulary, new_output_units
+from training.finetune import extended_vocabulary
 from training.prepare import PrepareConfig, prepare
 
 COCO_DEV = SHARED / "coco-dev"

@@ -10,8 +10,9 @@ captioner/model.py's, exactly, with the folder's weights; only the vocabulary gr
   --min-count times that it lacks (`extended_vocabulary`);
 - a new word's input row is its GloVe vector, like every word's (the embedding stays frozen);
 - its output unit (a column of the last Dense layer and its bias) starts as the mean of the units of its
-  NEIGHBOURS nearest words in the folder's vocabulary, by the cosine of their GloVe vectors: "giraffe" starts out
-  predicted where the bundled model's "elephant", "goat" and "geese" would be, and fine-tuning tells them apart.
+  OUTPUT_UNIT_NEIGHBOURS (5) nearest words in the folder's vocabulary, by the cosine of their GloVe vectors
+  (captioner.visual.new_output_units): "giraffe" starts out predicted where the bundled model's "elephant", "goat"
+  and "geese" would be, and fine-tuning tells them apart.
   A word GloVe lacks starts from the mean of all the old units.
 
 Training is then training.train's, from these weights (TrainConfig.init_from), at a tenth of the learning rate:
@@ -29,7 +30,6 @@ from pathlib import Path
 import numpy as np
 
 from captioner.model import ModelConfig, build_caption_model
-from captioner.visual import OUTPUT_UNIT_NEIGHBOURS as NEIGHBOURS  # old words whose output units a new word's starts from
 from captioner.visual import new_output_units
 from captioner.vocabulary import SPECIAL_TOKENS, Vocabulary, normalize_caption
 from captioner.weights import load_vocabulary, read_decoder_weights, read_folder
