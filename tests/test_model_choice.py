@@ -335,6 +335,7 @@ from captioner import Captioner
 from webapp.models import ModelChoices, ModelUnavailable, bundled_choices
 default = Captioner.from_pretrained(None)
 models = ModelChoices(default, bundled_choices(default))
+print(" | ".join(label for label, _ in models.menu()))  # before anyone chose them
 for name in ("resnet50", "ensemble", "resnet50"):
     try:
         models.get(name)
@@ -347,13 +348,15 @@ print(models.get(None)[1].caption("examples/dog.jpg").text)
 
 def test_resnet50_without_tensorflow_says_what_to_install(tmp_path):
     """The bundled ResNet50 on a server without TensorFlow, nothing cached (its OpenVINO model, its converted
-    ImageNet weights): the sentence, and the default still captions."""
+    ImageNet weights): marked in the menu from the start, the sentence when chosen, and the default still captions."""
     env = {**os.environ, "CAPTIONER_CACHE": str(tmp_path / "cache"), "XDG_CACHE_HOME": str(tmp_path / "xdg"),
            "KERAS_HOME": str(tmp_path / "keras")}
     result = subprocess.run([sys.executable, "-c", NO_TENSORFLOW], cwd=ROOT, env=env, capture_output=True, text=True,
                             timeout=300, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
-    resnet50, ensemble, again, caption = result.stdout.strip().splitlines()[-4:]
+    menu, resnet50, ensemble, again, caption = result.stdout.strip().splitlines()[-5:]
+    # Known without trying (no TensorFlow, nothing cached): the menu marks them from the start.
+    assert [label.endswith("(can't be loaded here)") for label in menu.split(" | ")] == [False, True, True]
     assert resnet50 == again == f"ResNet50 can't be loaded on this server: its encoder needs TensorFlow, which isn't installed here. {RESNET50_FIX}"
     assert ensemble == f"The Lite0 + ResNet50 ensemble needs ResNet50. {resnet50}"
     assert len(ensemble) <= uploads.MAX_MESSAGE_CHARS  # shown whole

@@ -57,3 +57,25 @@ def test_the_openvino_model_files_go_together(tmp_path):
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(WeightsError, match="go together"):
         read_folder(folder)
+
+
+CAN_BE_BUILT = """
+from captioner.backends import default_cache_dir
+from captioner.encoder import can_be_built, encoder_cache_key
+print(can_be_built("resnet50"))
+folder = default_cache_dir() / "openvino" / encoder_cache_key("resnet50", "imagenet")  # as an earlier run caches it
+folder.mkdir(parents=True)
+(folder / "encoder.xml").write_text("<net/>")
+print(can_be_built("resnet50"), can_be_built("resnet50", None))
+"""
+
+
+def test_without_tensorflow_a_keras_encoder_can_be_built_only_from_the_cache(tmp_path):
+    """What the page's menu asks before offering ResNet50 (webapp/models.py): with TensorFlow, always; without it, only
+    the encoder whose OpenVINO model an earlier run cached."""
+    from captioner.encoder import can_be_built
+
+    assert can_be_built("resnet50")  # TensorFlow is installed for the tests
+    result = run_without_tensorflow(tmp_path, "-c", CAN_BE_BUILT)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["False", "True", "False"]  # random weights are another model

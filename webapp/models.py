@@ -24,7 +24,7 @@ from pathlib import Path
 
 from captioner import Captioner, Ensemble, WeightsError
 from captioner.backends import KerasMissing
-from captioner.encoder import ENCODER_NAMES
+from captioner.encoder import ENCODER_NAMES, can_be_built
 from captioner.ensemble import is_ensemble_folder, read_ensemble_folder
 from captioner.weights import BUNDLED_WEIGHTS, METRICS_FILE, read_folder
 
@@ -80,12 +80,14 @@ class ModelChoice:
     """
 
     def __init__(self, name: str, label: str, load: Callable[[], object], metrics: dict | None = None,
-                 about: str = "", fix: str = ""):
+                 about: str = "", fix: str = "", unavailable: str | None = None):
+        """unavailable: why it can't be loaded here, when that is known without trying (the menu marks it from the
+        start): a sentence, as a failed load's."""
         self.name, self.label, self.load = name, label, load
         self.metrics, self.about, self.fix = metrics, about, fix
         self._lock = threading.Lock()
         self._model = None
-        self._failure: str | None = None
+        self._failure: str | None = unavailable
 
     @classmethod
     def loaded(cls, name: str, label: str, model, about: str = "") -> ModelChoice:
@@ -119,10 +121,10 @@ class ModelChoice:
             model = self.load()
             model.warmup()  # the encoder is built (and traced) here: the first caption doesn't wait for it
         except ModelUnavailable as member:  # an ensemble's member that can't be loaded
-            return None, f"The {self.label} needs {member.label}. {member}"
+            return None, needs_member(self.label, member.label, str(member))
         except Exception as exc:
             log.exception("The %s model can't be loaded", self.label)
-            return None, f"{self.label} can't be loaded on this server: {why_not_loaded(exc)}. {self.fix}".strip()
+            return None, cant_be_loaded(self.label, why_not_loaded(exc), self.fix)
         log.info("Loaded the %s model in %.1f s", self.label, time.perf_counter() - start)
         return model, None
 
@@ -138,10 +140,21 @@ class ModelChoice:
         return f"{about} {self._failure}" if self._failure else about
 
 
+def cant_be_loaded(label: str, why: str, fix: str) -> str:
+    return f"{label} can't be loaded on this server: {why}. {fix}".strip()
+
+
+def needs_member(label: str, member_label: str, why: str) -> str:
+    return f"The {label} needs {member_label}. {why}"
+
+
+NO_TENSORFLOW = "its encoder needs TensorFlow, which isn't installed here"
+
+
 def why_not_loaded(exc: BaseException) -> str:
     """Why a model couldn't be loaded, for users: what's missing, without the server's paths."""
     if isinstance(exc, KerasMissing):
-        return "its encoder needs TensorFlow, which isn't installed here"
+        return NO_TENSORFLOW
     if isinstance(exc, ImportError):
         return f"the Python package {exc.name or 'it needs'} isn't installed here"
     if isinstance(exc, WeightsError):
@@ -222,10 +235,13 @@ def bundled_choices(default: Captioner) -> list[ModelChoice]:
     not), and the ensemble of Lite0 and ResNet50, where it also has weights/ensemble/."""
     if not (BUNDLED_RESNET50 / "config.json").is_file():
         return []
+    # Without TensorFlow (what requirements.txt installs) ResNet50 can't be built, unless its OpenVINO model was cached
+    # by an earlier run: the menu says so from the start, and nothing is tried.
+    unavailable = None if can_be_built("resnet50") else cant_be_loaded("ResNet50", NO_TENSORFLOW, RESNET50_FIX)
     resnet50 = ModelChoice(
         RESNET50, "ResNet50",
         lambda: Captioner.from_folder(read_folder(BUNDLED_RESNET50, source="bundled weights/resnet50/")),
-        read_metrics(BUNDLED_RESNET50), RESNET50_ABOUT, RESNET50_FIX,
+        read_metrics(BUNDLED_RESNET50), RESNET50_ABOUT, RESNET50_FIX, unavailable,
     )
     if not is_ensemble_folder(BUNDLED_ENSEMBLE):
         return [resnet50]
@@ -241,5 +257,6 @@ def bundled_choices(default: Captioner) -> list[ModelChoice]:
     except WeightsError as exc:  # a damaged ensemble.json: the page offers the others
         log.warning("The bundled ensemble isn't offered: %s", exc)
         return [resnet50]
-    return [resnet50, ModelChoice(ENSEMBLE, "Lite0 + ResNet50 ensemble", ensemble, read_metrics(BUNDLED_ENSEMBLE),
-                                  ENSEMBLE_ABOUT.format(weights=weights), RESNET50_FIX)]
+    label = "Lite0 + ResNet50 ensemble"
+    return [resnet50, ModelChoice(ENSEMBLE, label, ensemble, read_metrics(BUNDLED_ENSEMBLE), ENSEMBLE_ABOUT.format(weights=weights),
+                                  RESNET50_FIX, unavailable and needs_member(label, "ResNet50", unavailable))]
