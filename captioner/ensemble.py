@@ -34,9 +34,9 @@ from PIL import Image
 
 from .decoding import Caption, DecodingOptions, DecodingTask, Naming, mean_token_log_prob
 from .encoder import ENCODER_NAMES, ENCODERS
-from .explain import Explanation
+from .explain import Explanation, caption_ids
 from .image import fit_pixels, load_image, resize_for_encoder
-from .inference import Captioner
+from .inference import Captioner, display_photo
 from .model import StepModel
 from .visual import new_output_units
 from .weights import METRICS_FILE, WeightsError, read_folder
@@ -364,7 +364,11 @@ class Ensemble:
     @property
     def explainer(self) -> Captioner:
         """The member whose word-by-word view explains the ensemble's captions: the heaviest (the first of equals)."""
-        return self.members[int(np.argmax(self.weights))]
+        return self.members[self._explainer_index]
+
+    @property
+    def _explainer_index(self) -> int:
+        return int(np.argmax(self.weights))
 
     @property
     def explained_by(self) -> str:
@@ -383,14 +387,19 @@ class Ensemble:
         """The ensemble's caption of one image's (h, w, 3) uint8 pixels at `input_size`, with its candidates and
         objects, word by word as its heaviest member (`explainer`) sees that caption: each word's probability and
         heatmap are that member's. display: the photo to draw the heatmaps on (None: the pixels)."""
-        pixels = np.asarray(pixels)
-        (caption,) = self.caption_pixels(pixels[None], options, **overrides)
-        member = self.explainer
-        member_pixels = fit_pixels(pixels[None], member_input_size(member))[0]
-        # The caption is given: only the member's word probabilities and heatmaps are asked of it.
-        # (name_objects: the caption may hold a word the classifier's member added, which the explainer reads grown.)
-        explanation = member.explain_pixels(member_pixels, pixels if display is None else display, caption=caption.text,
-                                            options=DecodingOptions("greedy", name_objects=True))
+        task = self.decoding_task(options, **overrides)
+        pixels, explainer = np.asarray(pixels), self._explainer_index
+        # One encoder pass per member; the explainer's also gives the feature map, for the heatmaps.
+        encoded = [member.encode_pixels(fit_pixels(pixels[None], member_input_size(member)), feature_maps=i == explainer)
+                   for i, member in enumerate(self.members)]
+        features, maps = [*encoded[:explainer], encoded[explainer][0], *encoded[explainer + 1 :]], encoded[explainer][1]
+        (caption,) = self._captions(task, features)
+        # The caption is given: only the member's word probabilities and heatmaps are asked of it. (name_objects: the
+        # caption may hold a word the classifier's member added, which the explainer reads grown.)
+        member = self.members[explainer]
+        member_task = member.decoding_task(DecodingOptions("greedy", name_objects=True))
+        explanation = member.explain_encoded(member_task, features[explainer], maps, display_photo(pixels, display),
+                                             caption_ids(member_task.words, caption.text))
         return dataclasses.replace(explanation, caption=caption)
 
     # ---- serving ---------------------------------------------------------------------------------------

@@ -26,6 +26,11 @@ from .weights import BUNDLED_WEIGHTS, WeightsError, WeightsFolder, download_from
 log = logging.getLogger(__name__)
 
 
+def display_photo(pixels: np.ndarray, display: Image.Image | np.ndarray | None) -> Image.Image:
+    """The photo an explanation's heatmaps are drawn on: `display` (PIL image or uint8 array), else the pixels."""
+    return display if isinstance(display, Image.Image) else Image.fromarray(np.asarray(pixels if display is None else display))
+
+
 class Captioner:
     def __init__(self, model: keras.Model | Mapping[str, Sequence[np.ndarray]], vocab: Vocabulary, config: ModelConfig,
                  encoder_weights: str | Path | None = "imagenet", weights: WeightsFolder | None = None):
@@ -208,12 +213,18 @@ class Captioner:
         """
         task = self.decoding_task(options, **overrides)
         given = None if caption is None else caption_ids(task.words, caption)
-        photo = display if isinstance(display, Image.Image) else Image.fromarray(np.asarray(pixels if display is None else display))
-        return self._explain(task, pixels, photo, given)
+        return self._explain(task, pixels, display_photo(pixels, display), given)
 
     def _explain(self, task: DecodingTask, pixels: np.ndarray, photo: Image.Image, given: list[int] | None) -> Explanation:
         """One encoder pass gives both the pooled features (for the caption) and the feature map (for the heatmaps)."""
         features, maps = self.encode_pixels(np.asarray(pixels)[None], feature_maps=True)
+        return self.explain_encoded(task, features, maps, photo, given)
+
+    def explain_encoded(self, task: DecodingTask, features: np.ndarray, maps: np.ndarray, photo: Image.Image,
+                        given: list[int] | None = None) -> Explanation:
+        """`explain` from one image's encoder outputs, (1, feature_dim) pooled features and (1, h, w, C) feature map
+        (an ensemble explains its caption with a member's, encoded once: ensemble.py). given: the caption's ids in
+        task.words; None: decoded with the task."""
         probabilities = self._class_probabilities(features)
         hypotheses = task.run(features, class_probabilities=probabilities)[0] if given is None else None
         model = task.naming.model if task.naming else self.step_model  # (a caption may hold a word the folder added)
