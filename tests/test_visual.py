@@ -117,6 +117,23 @@ def test_the_map_follows_the_training_captions_then_the_class_names():
     assert groups == [["dog", "dogs"], ["cat"], ["pizza"]] and class_group == [0, -1, 1, -1, 2] and new_words == ["pizza"]
 
 
+def test_captions_that_agree_with_a_class_name_need_fewer_of_them():
+    vocab_words = ["<pad>", "<start>", "<end>", "<unk>", "a", "man", "umbrella", "street", "rain", "beach"]
+    names = ["umbrella", "street sign"]
+    # 10 umbrella photos and 10 street sign photos whose captions name them in a third of their captions (below
+    # MIN_WORD_SHARE), "umbrella" and "street" their most used words; 20 others say man.
+    probabilities = np.zeros((40, len(names)))
+    probabilities[:10, 0], probabilities[10:20, 1] = 0.9, 0.9
+    captions = ([["a umbrella", "a umbrella", "a rain", "a beach", "a man", "a"]] * 10
+                + [["a street", "a street", "a rain", "a beach", "a man", "a"]] * 10 + [["a man"] * 6] * 20)
+    shares = visual.caption_word_shares(captions, vocab_words)
+    assert visual.MIN_NAME_WORD_SHARE <= 1 / 3 < visual.MIN_WORD_SHARE
+    words, why = visual.class_words(probabilities, shares, vocab_words, names, {w: np.ones(50) for w in vocab_words[4:]})
+    # The umbrella's captions say what the classifier says; a street sign's say "street", not its name ("sign").
+    assert words == ["umbrella", None]
+    assert why[0]["word"] == "umbrella" and round(why[0]["share"], 2) == 0.33 and why[1]["most_used"] == "street"
+
+
 # ---- constrained decoding ---------------------------------------------------------------------------------
 
 
