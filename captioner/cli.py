@@ -27,6 +27,7 @@ DECODING_FLAGS = {  # DecodingOptions field -> its flag (the field's default is 
     "top_p": "--top-p",
     "seed": "--seed",
     "name_objects": "--name-objects",
+    "repeat_words": "--repeat-words",
 }
 
 
@@ -55,6 +56,9 @@ def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--length-penalty", type=float, help=f"GNMT length penalty for beam search (default: {defaults.length_penalty:g})")
     group.add_argument("--prefix", help='words the caption must start with, e.g. "a dog"')
     group.add_argument("--no-repeat-ngram-size", type=int, help="forbid repeating any n-gram of this size (default: off)")
+    group.add_argument("--repeat-words", action=argparse.BooleanOptionalAction,
+                       help="let a word other than 'a', 'on', 'the' and the like appear twice in a caption "
+                            f"(default: {'on' if defaults.repeat_words else 'off'})")
     group.add_argument("--temperature", type=float,
                        help=f"sampling: below 1 safer words, above 1 more varied ones (default: {defaults.temperature:g})")
     group.add_argument("--top-p", type=float,

@@ -41,7 +41,7 @@ from PIL import Image
 
 from .decoding import Caption, Hypothesis
 from .model import StepModel
-from .vocabulary import Vocabulary, normalize_caption
+from .vocabulary import FUNCTION_WORDS, Vocabulary, normalize_caption
 
 # Overlays are drawn on a copy of the photo at most this many pixels on its longer side: enough for a
 # page or a file, and it bounds the time and memory of drawing them whatever size the upload was.
@@ -50,11 +50,6 @@ OVERLAY_OPACITY = 0.7  # of the colour at the hottest cell; cold cells show the 
 OVERLAY_JPEG_QUALITY = 90
 # A caption given to explain is read back word by word: as long as the longest caption decoding may write.
 MAX_CAPTION_WORDS, MAX_CAPTION_CHARS = 100, 1000
-# The view shows first the first word that names something: "dog" in "a dog runs on the grass".
-FUNCTION_WORDS = frozenset(
-    "a an the is are was were be of in on at to with and or for from by into onto over under near its his her their "
-    "while as up down out".split()
-)
 HEATMAP_FLOOR = 1e-12  # a word whose map has no positive cell (nothing in the image raised it) gets all zeros
 
 # A perceptually ordered colour ramp (black-purple-red-orange-yellow, like matplotlib's "inferno"),

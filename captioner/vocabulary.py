@@ -27,6 +27,12 @@ _NON_LETTERS = re.compile(r"[^a-z\s]")
 # MIN_CAPTIONS_FOR_ENDINGS training captions are left free: too few to tell.
 MIN_FINAL_SHARE = 0.01
 MIN_CAPTIONS_FOR_ENDINGS = 20
+# The words that only tie a caption together: the word-by-word view starts at the first other word ("dog" in "a dog
+# runs on the grass"), and they alone may appear twice in a generated caption (decoding.NoRepeatedWords).
+FUNCTION_WORDS = frozenset(
+    "a an the is are was were be of in on at to with and or for from by into onto over under near its his her their "
+    "while as up down out".split()
+)
 
 
 def normalize_caption(text: str) -> list[str]:
@@ -88,6 +94,13 @@ class Vocabulary:
         """(vocab,) bool, read-only: True for the words a caption may not end on."""
         mask = np.zeros(len(self), bool)
         mask[[self.stoi[w] for w in self.never_final]] = True
+        mask.flags.writeable = False
+        return mask
+
+    @cached_property
+    def once_only_ids(self) -> np.ndarray:
+        """(vocab,) bool, read-only: True for the words that aren't function words (nor special tokens)."""
+        mask = np.array([word not in FUNCTION_WORDS and word not in SPECIAL_TOKENS for word in self.itos])
         mask.flags.writeable = False
         return mask
 

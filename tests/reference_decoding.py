@@ -16,7 +16,7 @@ import numpy as np
 
 from captioner.decoding import DecodingOptions, Hypothesis, length_normalised, prefix_ids
 from captioner.model import StepModel
-from captioner.vocabulary import Vocabulary
+from captioner.vocabulary import FUNCTION_WORDS, SPECIAL_TOKENS, Vocabulary
 
 
 def reference_step(decoder: StepModel, image: np.ndarray, tokens: np.ndarray, state):
@@ -55,6 +55,17 @@ def forbid_repeated_ngrams(log_probs: np.ndarray, captions: list[tuple[int, ...]
                 log_probs[row, caption[i + n - 1]] = -np.inf
 
 
+def forbid_repeated_words(log_probs: np.ndarray, captions: list[tuple[int, ...]], vocab: Vocabulary, options: DecodingOptions) -> None:
+    """In place: unless options.repeat_words, the words a row's caption already has get zero probability, but for
+    the function words ("a", "on", "the")."""
+    if options.repeat_words:
+        return
+    for row, caption in enumerate(captions):
+        for token in caption:
+            if vocab.itos[token] not in FUNCTION_WORDS and vocab.itos[token] not in SPECIAL_TOKENS:
+                log_probs[row, token] = -np.inf
+
+
 def forbid_cut_off_endings(log_probs: np.ndarray, captions: list[tuple[int, ...]], vocab: Vocabulary) -> None:
     """In place: <end> gets zero probability right after a word the vocabulary says no caption ends on."""
     for row, caption in enumerate(captions):
@@ -88,6 +99,7 @@ def greedy_decode(
             logits, state = reference_step(model, image, tokens, state)
         step_log_probs = allowed_log_probs(logits, vocab, first_step=not prefix and step == 0)
         forbid_repeated_ngrams(step_log_probs, captions, options.no_repeat_ngram_size)
+        forbid_repeated_words(step_log_probs, captions, vocab, options)
         forbid_cut_off_endings(step_log_probs, captions, vocab)
         tokens = np.where(finished, vocab.end_id, step_log_probs.argmax(axis=-1))
         log_probs += np.where(finished, 0.0, step_log_probs[np.arange(n), tokens])
@@ -121,6 +133,7 @@ def beam_search_decode(
         h, c = state
         step_log_probs = allowed_log_probs(logits, vocab, first_step=not prefix and step == 0)
         forbid_repeated_ngrams(step_log_probs, captions, options.no_repeat_ngram_size)
+        forbid_repeated_words(step_log_probs, captions, vocab, options)
         forbid_cut_off_endings(step_log_probs, captions, vocab)
         candidate_scores = scores[:, None] + step_log_probs
         last_step = step == steps - 1
@@ -170,7 +183,7 @@ def constrained_beam_search_decode(
     whole grown vocabulary (less the words naming a group the caption lacks) and from the captions of smaller
     sets taking the word that completes it, best first; the image is done once the set with every group has
     `beam_width` finished captions. Its rules on words: the new words (ids from len(vocab)) only as the groups'
-    own, and no word right after itself. model: the grown network (Naming.model); image: its projected image."""
+    own, no word right after itself, and the rules on repeated words and endings. model: the grown network (Naming.model); image: its projected image."""
     k = options.beam_width if options.method == "beam" else 1
     alpha = options.length_penalty if k > 1 else 0.0
     prefix = prefix_ids(vocab, options.prefix)
@@ -193,6 +206,7 @@ def constrained_beam_search_decode(
         if step or prefix:
             offsets[np.arange(len(captions)), [caption[-1] for caption in captions]] = -np.inf
         log_probs = allowed_log_probs(logits + offsets, grown, first_step=not prefix and step == 0)
+        forbid_repeated_words(log_probs, captions, grown, options)
         forbid_cut_off_endings(log_probs, captions, grown)
         candidate_scores = np.asarray(scores)[:, None] + log_probs
         last_step = step == steps - 1

@@ -68,3 +68,18 @@ def test_explain_writes_each_words_heatmap(tiny_weights, example_images, tmp_pat
         for number, word in enumerate(written["words"], start=1):
             assert word["overlay"] == f"{number:02d}_{word['word']}.jpg" and (folder / word["overlay"]).stat().st_size > 1000
             assert len(word["heatmap"]) == 7 and 0 < word["probability"] <= 1
+
+
+def test_every_decoding_option_has_a_flag_that_sets_it():
+    import argparse
+    import dataclasses
+
+    from captioner.cli import DECODING_FLAGS, add_decoding_arguments, decoding_options
+    from captioner.decoding import DecodingOptions
+
+    assert set(DECODING_FLAGS) == {field.name for field in dataclasses.fields(DecodingOptions)}
+    parser = argparse.ArgumentParser()
+    add_decoding_arguments(parser)
+    assert decoding_options(parser.parse_args([])) == DecodingOptions()
+    given = decoding_options(parser.parse_args(["--repeat-words", "--no-name-objects", "--method", "greedy"]))
+    assert given == DecodingOptions("greedy", name_objects=False, repeat_words=True)

@@ -6,8 +6,8 @@ import dataclasses
 import numpy as np
 import pytest
 
-from captioner.decoding import DecodingOptions, DecodingTask, Naming, NoCutOffEnding, NoRepeatNgram
-from captioner.vocabulary import SPECIAL_TOKENS, Vocabulary
+from captioner.decoding import DecodingOptions, DecodingTask, Naming, NoCutOffEnding, NoRepeatedWords, NoRepeatNgram
+from captioner.vocabulary import FUNCTION_WORDS, SPECIAL_TOKENS, Vocabulary
 from tests.conftest import ROOT
 
 GREEDY = DecodingOptions("greedy")
@@ -92,8 +92,9 @@ def test_log_probs_are_the_sum_of_the_step_log_probs(parts, options):
         hypotheses = decode(parts, options, features[:1] if alone else features)
         for image_features, hyps in zip(features, hypotheses):
             for hyp in hyps:
-                # (to float32 rounding: beams are stepped several rows at a time, this check one row in float64)
-                assert hyp.log_prob == pytest.approx(caption_log_prob(model, vocab, image_features, hyp.tokens), abs=1e-4)
+                # (to float32 rounding, which grows with the caption's length: beams are stepped several rows at a
+                # time, this check one row in float64)
+                assert hyp.log_prob == pytest.approx(caption_log_prob(model, vocab, image_features, hyp.tokens), rel=1e-5, abs=1e-4)
 
 
 def test_max_new_tokens_and_length_penalty(parts):
@@ -116,7 +117,7 @@ def test_a_prefix_starts_every_caption_and_is_scored_like_the_rest(parts, option
         for h in hyps:
             assert h.tokens[:2] == prefix and len(h.tokens) <= 2 + 11
             # Decoding from a prefix continues as the step model would after feeding it (to float32 rounding).
-            assert h.log_prob == pytest.approx(caption_log_prob(model, vocab, image_features, h.tokens), abs=1e-4)
+            assert h.log_prob == pytest.approx(caption_log_prob(model, vocab, image_features, h.tokens), rel=1e-5, abs=1e-4)
 
 
 def test_a_prefix_with_unknown_words_is_refused_by_name(parts):
@@ -141,6 +142,29 @@ def test_no_caption_repeats_a_trigram_when_asked(parts, options):
         for h in hyps:
             trigrams = [h.tokens[i : i + 3] for i in range(len(h.tokens) - 2)]
             assert len(trigrams) == len(set(trigrams))
+
+
+def test_the_rule_on_repeated_words_forbids_the_words_a_caption_has_but_function_words():
+    vocab = Vocabulary(["a", "dog", "on", "grass", "the"])
+    a, dog, on, grass = (vocab.stoi[w] for w in ("a", "dog", "on", "grass"))
+    assert vocab.once_only_ids.tolist() == [False] * 4 + [False, True, False, True, False]  # specials, a dog on grass the
+    log_probs = np.zeros((2, len(vocab)))
+    NoRepeatedWords(vocab.once_only_ids).apply(log_probs, np.array([(a, dog, on, a), (a, grass, a, grass)]))
+    assert np.flatnonzero(np.isneginf(log_probs[0])).tolist() == [dog] and np.flatnonzero(np.isneginf(log_probs[1])).tolist() == [grass]
+    empty = np.zeros((1, len(vocab)))
+    NoRepeatedWords(vocab.once_only_ids).apply(empty, np.zeros((1, 0), np.int64))
+    assert not np.isneginf(empty).any()
+
+
+@pytest.mark.parametrize("options", [GREEDY, BEAM, SAMPLE], ids=str)
+def test_no_caption_names_a_thing_twice_unless_asked(parts, options):
+    _, vocab, _ = parts
+    def repeats(hypotheses) -> int:  # captions with a word other than a function word twice
+        words = [[vocab.itos[t] for t in h.tokens if vocab.itos[t] not in FUNCTION_WORDS | set(SPECIAL_TOKENS)]
+                 for hyps in hypotheses for h in hyps]
+        return sum(len(w) != len(set(w)) for w in words)
+    assert repeats(decode(parts, options)) == 0
+    assert repeats(decode(parts, dataclasses.replace(options, repeat_words=True))) > 0  # the tiny model repeats itself
 
 
 def test_the_cut_off_rule_forbids_the_end_right_after_those_words():

@@ -25,6 +25,7 @@ OPTIONS = [
     DecodingOptions("beam", beam_width=5, no_repeat_ngram_size=3),
     DecodingOptions("beam", beam_width=4, prefix="a man", max_new_tokens=6),
     DecodingOptions("beam", beam_width=10, length_penalty=1.0),
+    DecodingOptions("beam", beam_width=3, repeat_words=True),
 ]
 
 

@@ -86,9 +86,9 @@ class SelfCriticalConfig:
 GRADIENT_CHUNKS = 3
 # What decides each epoch's work (not where the run stops): a run resumes only under the same values.
 TRAJECTORY_SETTINGS = ("samples_per_image", "images_per_batch", "learning_rate", "dropout", "seed", "reward_end")
-# The samples come from the model's whole distribution, with no temperature and no nucleus: the gradient pass
-# scores them under that distribution, so the policy gradient is that of the policy sampled.
-SAMPLING = DecodingOptions("sample", temperature=1.0, top_p=1.0)
+# The samples come from the model's whole distribution, with no temperature, no nucleus and no rule on repeated
+# words: the gradient pass scores them under that distribution, so the policy gradient is that of the policy sampled.
+SAMPLING = DecodingOptions("sample", temperature=1.0, top_p=1.0, repeat_words=True)
 
 
 # ---- the pieces --------------------------------------------------------------------------------------

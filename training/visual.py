@@ -45,9 +45,8 @@ import numpy as np
 
 from captioner import Captioner, DecodingOptions
 from captioner.decoding import DecodingTask, Naming, mean_token_log_prob
-from captioner.explain import FUNCTION_WORDS
 from captioner.visual import Familiarity, VisualWords
-from captioner.vocabulary import SPECIAL_TOKENS, normalize_caption
+from captioner.vocabulary import FUNCTION_WORDS, SPECIAL_TOKENS, normalize_caption
 from captioner.weights import BUNDLED_WEIGHTS, VISUAL_SETTINGS_FILE, VISUAL_WEIGHTS_FILE, add_files, read_folder
 from training.config import option, parse_config
 from training.evaluate import coco_scores
