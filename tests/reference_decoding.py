@@ -57,13 +57,15 @@ def forbid_repeated_ngrams(log_probs: np.ndarray, captions: list[tuple[int, ...]
 
 def forbid_repeated_words(log_probs: np.ndarray, captions: list[tuple[int, ...]], vocab: Vocabulary, options: DecodingOptions) -> None:
     """In place: unless options.repeat_words, the words a row's caption already has get zero probability, but for
-    the function words ("a", "on", "the")."""
+    the function words ("a", "on", "the"), and so does its last word, whatever it is."""
     if options.repeat_words:
         return
     for row, caption in enumerate(captions):
         for token in caption:
             if vocab.itos[token] not in FUNCTION_WORDS and vocab.itos[token] not in SPECIAL_TOKENS:
                 log_probs[row, token] = -np.inf
+        if caption:
+            log_probs[row, caption[-1]] = -np.inf
 
 
 def forbid_cut_off_endings(log_probs: np.ndarray, captions: list[tuple[int, ...]], vocab: Vocabulary) -> None:

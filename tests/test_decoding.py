@@ -148,9 +148,10 @@ def test_the_rule_on_repeated_words_forbids_the_words_a_caption_has_but_function
     vocab = Vocabulary(["a", "dog", "on", "grass", "the"])
     a, dog, on, grass = (vocab.stoi[w] for w in ("a", "dog", "on", "grass"))
     assert vocab.once_only_ids.tolist() == [False] * 4 + [False, True, False, True, False]  # specials, a dog on grass the
-    log_probs = np.zeros((2, len(vocab)))
-    NoRepeatedWords(vocab.once_only_ids).apply(log_probs, np.array([(a, dog, on, a), (a, grass, a, grass)]))
-    assert np.flatnonzero(np.isneginf(log_probs[0])).tolist() == [dog] and np.flatnonzero(np.isneginf(log_probs[1])).tolist() == [grass]
+    log_probs = np.zeros((3, len(vocab)))
+    NoRepeatedWords(vocab.once_only_ids).apply(log_probs, np.array([(a, dog, on, a), (a, grass, a, grass), (dog, a, on, on)]))
+    forbidden = [np.flatnonzero(np.isneginf(row)).tolist() for row in log_probs]
+    assert forbidden == [sorted([dog, a]), [grass], sorted([dog, on])]  # ... and none right after itself ("on on")
     empty = np.zeros((1, len(vocab)))
     NoRepeatedWords(vocab.once_only_ids).apply(empty, np.zeros((1, 0), np.int64))
     assert not np.isneginf(empty).any()
@@ -159,10 +160,11 @@ def test_the_rule_on_repeated_words_forbids_the_words_a_caption_has_but_function
 @pytest.mark.parametrize("options", [GREEDY, BEAM, SAMPLE], ids=str)
 def test_no_caption_names_a_thing_twice_unless_asked(parts, options):
     _, vocab, _ = parts
-    def repeats(hypotheses) -> int:  # captions with a word other than a function word twice
+    def repeats(hypotheses) -> int:  # captions with a word other than a function word twice, or a word twice in a row
         words = [[vocab.itos[t] for t in h.tokens if vocab.itos[t] not in FUNCTION_WORDS | set(SPECIAL_TOKENS)]
                  for hyps in hypotheses for h in hyps]
-        return sum(len(w) != len(set(w)) for w in words)
+        stutters = [any(a == b for a, b in zip(h.tokens, h.tokens[1:])) for hyps in hypotheses for h in hyps]
+        return sum(len(w) != len(set(w)) for w in words) + sum(stutters)
     assert repeats(decode(parts, options)) == 0
     assert repeats(decode(parts, dataclasses.replace(options, repeat_words=True))) > 0  # the tiny model repeats itself
 
