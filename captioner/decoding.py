@@ -687,9 +687,10 @@ class ConstrainedBeamSearchDecoder(TokenDecoder):
 
     Greedy decoding with name_objects is this search with one caption per set. The new words of the grown
     vocabulary are offered only to the images that require them. Each step takes every caption's 2k best
-    candidates in one NumPy call, then fills the sets in plain Python from those and the arriving ones (a few
-    dozen per set): filling each set from its captions' whole vocabulary cost about twice as much a step
-    (tests/reference_decoding.py writes that search out; tests/test_visual.py checks that both agree).
+    candidates (and as many more as its image has group words) in one NumPy call on its log-probabilities, then
+    fills the sets in plain Python from those and the arriving ones (a few dozen per set): filling each set from
+    its captions' whole vocabulary cost about twice as much a step (tests/reference_decoding.py writes that search
+    out; tests/test_visual.py checks that both agree).
     """
 
     def __init__(self, task: DecodingTask, required: list[tuple[tuple[int, ...], ...]]):
@@ -698,10 +699,10 @@ class ConstrainedBeamSearchDecoder(TokenDecoder):
         self.required = required
         vocab_size = len(task.naming.vocab)
         new_words = np.arange(len(task.vocab), vocab_size)
-        # Per image: which groups each of its group words completes (a bit per group), and its offsets: -inf
-        # for the new words it doesn't require.
+        # Per image: which groups each of its group words completes (a bit per group; as a table over the vocabulary
+        # too), and its offsets: -inf for the new words it doesn't require.
         self.word_bits: list[dict[int, int]] = []
-        self.group_words: list[tuple[np.ndarray, np.ndarray]] = []  # the same as arrays: its group words, their bits
+        self.bits_table = np.zeros((len(required), vocab_size), np.int64)
         self.image_offsets = np.zeros((len(required), vocab_size), np.float32)
         for image, groups in enumerate(required):
             bits: dict[int, int] = {}
@@ -709,9 +710,10 @@ class ConstrainedBeamSearchDecoder(TokenDecoder):
                 for token in group:
                     bits[token] = bits.get(token, 0) | 1 << g
             self.word_bits.append(bits)
-            self.group_words.append((np.array(sorted(bits), np.int64), np.array([bits[t] for t in sorted(bits)], np.int64)))
+            self.bits_table[image, list(bits)] = list(bits.values())
             self.image_offsets[image, new_words] = -np.inf
             self.image_offsets[image, [t for t in bits if t >= len(task.vocab)]] = 0.0
+        self.most_group_words = max(map(len, self.word_bits), default=0)
         self.images = np.arange(len(required))  # each live caption's image
         self.sets = np.array([self._named(i, task.prefix_tokens) for i in range(len(required))])  # its groups named
         self.beams: list[tuple[int, ...]] = [tuple(task.prefix_tokens)] * len(required)
@@ -745,36 +747,31 @@ class ConstrainedBeamSearchDecoder(TokenDecoder):
     def update(self, log_probs: np.ndarray, step: int) -> list[int] | None:
         last_step = step == self.task.max_new_tokens - 1  # at the budget every caption ends
         k, end = self.k, self.end
-        candidate_scores = self.scores[:, None] + log_probs
-        sets = self.sets.tolist()
+        # Each caption's best candidates, all rows at once: its 2k likeliest words (one caption, one score: the
+        # same order), and as many more as its image has group words, since a word naming a group the caption lacks
+        # would move it to another set (-inf here: it arrives there below). A set's 2k best staying candidates
+        # are among its captions' own; the sets are then filled in plain Python, from a few dozen candidates each.
+        count = min(2 * k + self.most_group_words, log_probs.shape[1])
+        top = np.argpartition(log_probs, log_probs.shape[1] - count, axis=1)[:, -count:]
+        top_scores = self.scores[:, None] + np.take_along_axis(log_probs, top, axis=1)
+        top_scores[(self.bits_table[self.images[:, None], top] & ~self.sets[:, None]) != 0] = -np.inf
+        top_scores, top, sets, scores = top_scores.tolist(), top.tolist(), self.sets.tolist(), self.scores.tolist()
         rows_of: dict[int, list[int]] = {}  # each image's live captions
         for row, image in enumerate(self.images.tolist()):
             rows_of.setdefault(image, []).append(row)
-        # Staying in its set: a caption with any word but one that names a group it lacks.
-        staying = candidate_scores.copy()
-        for image, image_rows in rows_of.items():
-            group_words, word_bits = self.group_words[image]
-            block = np.ix_(image_rows, group_words)
-            staying[block] = np.where((word_bits & ~self.sets[image_rows, None]) != 0, -np.inf, staying[block])
-        # Each caption's 2k best staying candidates, all rows at once (a set's 2k best are among its captions'
-        # own); the sets are then filled in plain Python, from a few dozen candidates each.
-        count = min(2 * k, staying.shape[1])
-        top = np.argpartition(staying, staying.shape[1] - count, axis=1)[:, -count:]
-        top_scores = np.take_along_axis(staying, top, axis=1).tolist()
-        top = top.tolist()
-        rows, tokens, scores, new_sets = [], [], [], []
+        rows, tokens, new_scores, new_sets = [], [], [], []
         for image, image_rows in rows_of.items():
             full = (1 << len(self.required[image])) - 1
             if len(self.finished[image][full]) >= k:
                 continue
-            word_bits = self.word_bits[image]
-            for named in range(full + 1):
-                walk = [(score, row, token) for row in image_rows if sets[row] == named
-                        for token, score in zip(top[row], top_scores[row])]
-                # Arriving: captions of a smaller set taking the word that completes this one.
-                walk += [(float(candidate_scores[row, token]), row, token) for row in image_rows
-                         if sets[row] != named and sets[row] & ~named == 0
-                         for token, bits in word_bits.items() if sets[row] | bits == named]
+            walks: list[list[tuple[float, int, int]]] = [[] for _ in range(full + 1)]
+            for row in image_rows:
+                have = sets[row]
+                walks[have] += zip(top_scores[row], [row] * count, top[row])  # staying in its set
+                for token, bits in self.word_bits[image].items():  # arriving in a larger set: naming another group
+                    if have | bits != have:
+                        walks[have | bits].append((scores[row] + float(log_probs[row, token]), row, token))
+            for named, walk in enumerate(walks):
                 walk.sort(key=lambda candidate: -candidate[0])
                 going = 0
                 for score, row, token in walk:
@@ -786,7 +783,7 @@ class ConstrainedBeamSearchDecoder(TokenDecoder):
                     else:
                         rows.append(row)
                         tokens.append(token)
-                        scores.append(score)
+                        new_scores.append(score)
                         new_sets.append(named)
                         going += 1
                         if going == k:
@@ -795,7 +792,7 @@ class ConstrainedBeamSearchDecoder(TokenDecoder):
             self.done = True
             return None
         self.beams = [self.beams[row] + (token,) for row, token in zip(rows, tokens)]
-        self.tokens, self.scores = np.array(tokens), np.array(scores)
+        self.tokens, self.scores = np.array(tokens), np.array(new_scores)
         self.images, self.sets = self.images[rows], np.array(new_sets)
         return rows
 
