@@ -702,7 +702,7 @@ class ConstrainedBeamSearchDecoder(TokenDecoder):
         # Per image: which groups each of its group words completes (a bit per group; as a table over the vocabulary
         # too), and its offsets: -inf for the new words it doesn't require.
         self.word_bits: list[dict[int, int]] = []
-        self.bits_table = np.zeros((len(required), vocab_size), np.int64)
+        self.bits_table = np.zeros((len(required), vocab_size), np.int32)
         self.image_offsets = np.zeros((len(required), vocab_size), np.float32)
         for image, groups in enumerate(required):
             bits: dict[int, int] = {}

@@ -1,8 +1,8 @@
 """The straightforward decoders that the fast ones in captioner/decoding.py must agree with.
 
 These are the decoders as first written (one image at a time in Python inside each beam step, the
-LSTM gate by gate, the vocabulary's rule, n-gram blocking and the words no caption ends on written out caption
-by caption): easy to check by reading, and slow. The fast decoders (DecodingTask's GreedyDecoder and
+LSTM gate by gate, the vocabulary's rule, n-gram blocking, repeated words and the words no caption ends on written
+out caption by caption): easy to check by reading, and slow. The fast decoders (DecodingTask's GreedyDecoder and
 BeamSearchDecoder) choose with array operations over all images at once; tests/test_decoding_reference.py
 checks that both give the same captions and scores.
 """
@@ -185,7 +185,8 @@ def constrained_beam_search_decode(
     whole grown vocabulary (less the words naming a group the caption lacks) and from the captions of smaller
     sets taking the word that completes it, best first; the image is done once the set with every group has
     `beam_width` finished captions. Its rules on words: the new words (ids from len(vocab)) only as the groups'
-    own, no word right after itself, and the rules on repeated words and endings. model: the grown network (Naming.model); image: its projected image."""
+    own, no word right after itself, and the rules on repeated words and endings. model: the grown network
+    (Naming.model); image: its projected image."""
     k = options.beam_width if options.method == "beam" else 1
     alpha = options.length_penalty if k > 1 else 0.0
     prefix = prefix_ids(vocab, options.prefix)
