@@ -402,3 +402,22 @@ def test_the_sweep_counts_a_files_time_in_the_cache_and_keeps_the_apps_own_files
     # The app's own files are the ones Gradio copied into its cache while building the page: the examples.
     limits = middleware.RequestLimits(None, blocks=app.build_demo(tiny_captioner), upload_dir=tmp_path / "uploads")
     assert sorted(Path(path).name for path in limits.cache.keep) == sorted(Path(p).name for p in app.example_images())
+
+
+def test_near_its_bound_the_cache_counts_what_gradio_wrote_uncharged(tmp_path, monkeypatch):
+    monkeypatch.setattr(upload_cache, "RECOUNT_EVERY_S", 0.0)  # every charge near the bound counts the disk
+    cache_dir = tmp_path / "cache"
+    (cache_dir / "out").mkdir(parents=True)
+    (cache_dir / "out" / "heatmap.jpg").write_bytes(b"x" * 300)  # an output Gradio copied in: never charged
+    cache = upload_cache.UploadCache(lambda: cache_dir, max_bytes=1000, client_bytes=1000)
+    cache.charge("a", 500)  # far from the bound: counted, not checked against the disk
+    (cache_dir / "up1").write_bytes(b"x" * 500)
+    cache.charge("a", 150)
+    (cache_dir / "up2").write_bytes(b"x" * 150)
+    assert cache.used == 650
+    with pytest.raises(upload_cache.CacheFull):  # 650 + 200 counted would fit; 950 on disk + 200 doesn't
+        cache.charge("b", 200)
+    assert cache.used == upload_cache.disk_bytes(cache_dir) == 950
+    # The count is never lowered by the disk: bytes charged may not have landed yet.
+    cache.charge("b", 40)
+    assert cache.used == 990 and upload_cache.disk_bytes(cache_dir) == 950

@@ -6,7 +6,9 @@ an upload that failed after they were written stay forever, and nothing bounds t
 
 - `charge(client, n)` is called as each upload's bytes arrive (and for data: URL images stored as uploads):
   it refuses them when the cache would pass MAX_CACHE_BYTES, or the client would have stored more than
-  MAX_CLIENT_BYTES within the last MAX_AGE_S (what it stored is deleted by then).
+  MAX_CLIENT_BYTES within the last MAX_AGE_S (what it stored is deleted by then). Gradio's copies of outputs
+  (heatmaps, galleries) come into the cache uncharged, so once the count nears the bound it is checked against
+  the disk (at most every RECOUNT_EVERY_S): the disk's total, when larger, is the count.
 - `sweep()`, every SWEEP_EVERY_S in a thread (and soon after an upload fails): deletes every file older than
   MAX_AGE_S anywhere in the cache (uploads, stored images, Gradio's copies of outputs), and files at the
   cache's top level (where Gradio writes an upload's parts before moving them into place) that no request
@@ -43,6 +45,11 @@ SWEEP_EVERY_S = 60
 # An upload's parts are written at the cache's top level and moved into place when it succeeds, just after
 # the answer is sent; a top-level file no request has had open for this long is what a failed upload left.
 ORPHAN_AGE_S = 10
+# Past this share of the bound, a charge first counts the disk (at most every RECOUNT_EVERY_S, a walk of the
+# cache in the event loop): what the outputs written since the last sweep add is then counted before uploads fill
+# the rest. A fill otherwise passed the bound by the outputs of the requests just before it (2.5 MB in a test).
+RECOUNT_FROM_SHARE = 0.75
+RECOUNT_EVERY_S = 1.0
 
 CACHE_FULL = "The server has no room for more uploads just now. Please try again in a few minutes."
 CLIENT_FULL = ("You have uploaded more than {mb} MB in the last hour, this server's limit per user. "
@@ -68,6 +75,7 @@ class UploadCache:
         self._used = 0  # bytes on disk at the last sweep, plus bytes charged since
         self._charged_during_sweep = 0  # bytes charged since the running sweep began (it may not have seen them)
         self._stored: dict[str, deque[tuple[float, int]]] = defaultdict(deque)  # client -> (time, bytes) charged
+        self._recounted_at = -RECOUNT_EVERY_S  # (time.monotonic) when a charge last counted the disk
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -91,6 +99,10 @@ class UploadCache:
                 stored.popleft()
             if sum(size for _, size in stored) + count > self.client_bytes:
                 raise CacheFull(CLIENT_FULL.format(mb=self.client_bytes // 2**20), 429)
+            if self._used + count > RECOUNT_FROM_SHARE * self.max_bytes and now - self._recounted_at >= RECOUNT_EVERY_S:
+                self._recounted_at = now
+                # Never lower: bytes charged may not have reached the disk yet (the sweep releases what's gone).
+                self._used = max(self._used, disk_bytes(self.folder()))
             if self._used + count > self.max_bytes:
                 self._wake.set()  # a sweep may find room (orphans, old files) for the next request
                 raise CacheFull(CACHE_FULL, 503)
@@ -146,6 +158,18 @@ class UploadCache:
             # (twice at worst, for a moment), never not at all.
             self._used = measured + self._charged_during_sweep
         return measured
+
+
+def disk_bytes(folder: Path) -> int:
+    """The bytes of the files under `folder` now."""
+    total = 0
+    for directory, _, files in os.walk(folder):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(directory, name)).st_size
+            except FileNotFoundError:
+                continue
+    return total
 
 
 def _open_files() -> set[str]:
