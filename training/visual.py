@@ -45,13 +45,12 @@ import numpy as np
 
 from captioner import Captioner, DecodingOptions
 from captioner.decoding import DecodingTask, Naming, mean_token_log_prob
-from captioner.visual import Familiarity, VisualWords
+from captioner.visual import Familiarity, VisualWords, new_output_units
 from captioner.vocabulary import FUNCTION_WORDS, SPECIAL_TOKENS, normalize_caption
 from captioner.weights import BUNDLED_WEIGHTS, VISUAL_SETTINGS_FILE, VISUAL_WEIGHTS_FILE, add_files, read_folder
 from training.config import option, parse_config
 from training.evaluate import coco_scores
 from training.features import load_features
-from captioner.visual import new_output_units
 from training.glove import load_glove
 from training.prepare import DEFAULT_WORK_DIR
 
