@@ -9,9 +9,11 @@ interleaved where they share a line, so background load hits both sides alike:
   encoder      encode_pixels() on prepared pixels, ms per image at batch 1 and 8: TensorFlow, OpenVINO float32
                (the Keras encoder converted at load: the code before issue 19), and the weights folder's own
                OpenVINO model (encoder.xml: int8 for the bundled folder), interleaved
-  decoding     caption_features() from one image's features, ms per caption: greedy, beam 3, 5, 10
+  decoding     caption_features() from one image's features, ms per caption: greedy, beam 3, 5, 10; with the
+               folder's int8 step (decoder.onnx) and with NumPy's float32 step (before), interleaved
   caption()    an image file to its caption (greedy; beam 5 with the recommended length penalty), p50 and
-               p95, next to encode() of the same file; with the folder's encoder and with float32 ("before")
+               p95, next to encode() of the same file; with the folder's encoder and decoder step, and with
+               float32's ("before": the encoder converted from Keras at load, NumPy's step)
   batch        the batch command's pipeline (captioner.batch.run_local: decode workers, encoder, decoder)
                over --collection's JPEG files, images/s once running (over the second half of its batches),
                next to the encoder alone on the same images' already decoded pixels; likewise both encoders
@@ -101,30 +103,40 @@ def measure_encoders(cap, pixels: np.ndarray, repeats: int) -> dict:
     return {f"{name}_batch{size}_ms": ms(values) for (name, size), values in samples.items()}
 
 
-def measure_decoding(cap, features: np.ndarray, repeats: int) -> dict:
+def measure_decoding(cap, features: np.ndarray, repeats: int, before=None) -> dict:
     settings = {"greedy": dict(method="greedy"), "beam3": dict(beam_width=3), "beam5": {}, "beam10": dict(beam_width=10)}
     options = {name: cap.decoding_options(**overrides) for name, overrides in settings.items()}
-    samples = {name: [] for name in settings}
+    captioners = {"": cap, **({"before_": before} if before is not None else {})}
+    samples = {(label, name): [] for label in captioners for name in settings}
     for name in settings:
-        cap.caption_features(features[:1], options[name])
+        for captioner in captioners.values():
+            captioner.caption_features(features[:1], options[name])
     for _ in range(repeats):
         for i in range(len(features)):
             for name in settings:
-                samples[name].append(seconds(cap.caption_features, features[i : i + 1], options[name]))
-    return {f"{name}_ms": ms(values) for name, values in samples.items()}
+                for label, captioner in captioners.items():
+                    samples[label, name].append(seconds(captioner.caption_features, features[i : i + 1], options[name]))
+    result = {f"{label}{name}_ms": ms(values) for (label, name), values in samples.items()}
+    if before is not None:
+        result.update({f"{name}_vs_before": round(result[f"{name}_ms"] / result[f"before_{name}_ms"], 3) for name in settings})
+    return result
 
 
 def float32_twin(cap):
-    """The same captioner with the float32 encoder converted from Keras at load time (before issue 19), or None
-    when the folder has no encoder.xml (then cap itself is that)."""
+    """The same captioner as before issue 19: the float32 encoder converted from Keras at load time, and NumPy's
+    float32 decoder step; None when the folder has neither an encoder.xml nor a decoder.onnx (then cap is that)."""
     import copy
 
     from captioner.encoder import ImageEncoder
+    from captioner.model import Int8StepModel
 
-    if cap.weights is None or cap.weights.encoder_ir is None:
+    if cap.weights is None or (cap.weights.encoder_ir is None and cap.weights.decoder_step is None):
         return None
     twin = copy.copy(cap)
     twin.__dict__["encoder"] = ImageEncoder(cap.config.encoder, cap.encoder_weights, backend="openvino")
+    if isinstance(cap.step_model, Int8StepModel):
+        twin.step_model = cap.step_model.float32()
+        twin.__dict__.pop("naming", None)  # grown again from the float32 step
     return twin
 
 
@@ -233,7 +245,9 @@ def table(results: dict) -> str:
         ("encoder, batch 8 (ms/image): TensorFlow / OpenVINO", f"{e['tensorflow_batch8_ms']:.1f} / {e['openvino_batch8_ms']:.1f}",
          f"OpenVINO {e['tensorflow_batch8_ms'] / e['openvino_batch8_ms']:.2f}x faster"),
         ("decoding from features (ms/caption): greedy / beam 3 / 5 / 10",
-         " / ".join(f"{d[k]:.2f}" for k in ("greedy_ms", "beam3_ms", "beam5_ms", "beam10_ms")), "batch 1"),
+         " / ".join(f"{d[k]:.2f}" for k in ("greedy_ms", "beam3_ms", "beam5_ms", "beam10_ms")),
+         "batch 1" + ("; now " + " / ".join(f"{d[f'{k}_vs_before']:.2f}x" for k in ("greedy", "beam3", "beam5", "beam10"))
+                      if "greedy_vs_before" in d else "")),
         *((f"caption() {label}, p50 (p95) ms", f"{c[f'{key}_p50_ms']:.1f} ({c[f'{key}_p95_ms']:.1f})",
            f"{c[f'{key}_vs_encode']:.2f}x encode()") for label, key in (("greedy", "greedy"), ("beam 5", "beam5"))),
         ("encode() alone of the same file, p50 (p95) ms", f"{c['encode_p50_ms']:.1f} ({c['encode_p95_ms']:.1f})", ""),
@@ -242,8 +256,12 @@ def table(results: dict) -> str:
         rows[2:2] = [(f"encoder, batch {n} (ms/image): OpenVINO float32 / the folder's encoder.xml",
                       f"{e[f'openvino_batch{n}_ms']:.2f} / {e[f'folder_batch{n}_ms']:.2f}",
                       f"{e[f'openvino_batch{n}_ms'] / e[f'folder_batch{n}_ms']:.2f}x faster") for n in (1, 8)]
+    if "before_greedy_ms" in d:
+        rows.insert(rows.index(next(r for r in rows if r[0].startswith("decoding from features"))) + 1,
+                    ("before (NumPy's float32 step): decoding from features (ms/caption)",
+                     " / ".join(f"{d[f'before_{k}_ms']:.2f}" for k in ("greedy", "beam3", "beam5", "beam10")), ""))
     if "before_beam5_p50_ms" in c:
-        rows += [(f"before (float32 encoder): caption() {label}, p50 (p95) ms",
+        rows += [(f"before (float32 encoder and step): caption() {label}, p50 (p95) ms",
                   f"{c[f'before_{key}_p50_ms']:.1f} ({c[f'before_{key}_p95_ms']:.1f})",
                   f"now {c[f'{key}_vs_before']:.2f}x") for label, key in (("greedy", "greedy"), ("beam 5", "beam5"))]
     if b:
@@ -253,7 +271,7 @@ def table(results: dict) -> str:
             ("encoder alone on their decoded pixels (images/s)", f"{b['encoder_alone_images_per_s']:.1f}", ""),
         ]
         if "before_batch_images_per_s" in b:
-            rows.append(("before (float32 encoder): batch command (images/s)", f"{b['before_batch_images_per_s']:.1f}",
+            rows.append(("before (float32 encoder and step): batch command (images/s)", f"{b['before_batch_images_per_s']:.1f}",
                          f"now {b['batch_vs_before']:.2f}x"))
         if "ray_images_per_s" in b:
             rows.append(("Ray Data, local (images/s; whole job s)", f"{b['ray_images_per_s']:.1f}; {b['ray_wall_s']:.0f} s",
@@ -312,10 +330,10 @@ def main(argv=None) -> int:
     }}
     print(f"encoders on {len(images)} images ...", file=sys.stderr)
     results["encoder"] = measure_encoders(cap, prepare_images(images, cap.encoder.input_size), args.repeats)
-    print("decoding ...", file=sys.stderr)
-    results["decoding"] = measure_decoding(cap, cap.encode(images), args.repeats)
-    print("caption() ...", file=sys.stderr)
     before = float32_twin(cap)
+    print("decoding ...", file=sys.stderr)
+    results["decoding"] = measure_decoding(cap, cap.encode(images), args.repeats, before)
+    print("caption() ...", file=sys.stderr)
     results["caption"] = measure_caption(cap, images, args.repeats, before)
     if not args.skip_batch:
         collection = list_images([str(args.collection)])

@@ -18,10 +18,11 @@ from .encoder import ENCODERS, ImageEncoder
 from .explain import OVERLAY_MAX_SIDE, Explanation, caption_ids, explain_caption
 from .image import display_copy, load_image, prepare_pixels, resize_for_encoder
 from .lazy import keras
-from .model import ModelConfig, StepModel, build_caption_model
+from .model import Int8StepModel, ModelConfig, StepModel, build_caption_model, decoder_precision
 from .visual import Familiarity, ImageNetHead, read_familiarity_and_words
 from .vocabulary import Vocabulary
-from .weights import BUNDLED_WEIGHTS, WeightsError, WeightsFolder, download_from_hub, load_vocabulary, read_decoder_weights, read_folder
+from .weights import (BUNDLED_WEIGHTS, WEIGHTS_FILE, WeightsError, WeightsFolder, download_from_hub, load_vocabulary,
+                      read_decoder_weights, read_folder, sha256)
 
 log = logging.getLogger(__name__)
 
@@ -31,12 +32,31 @@ def display_photo(pixels: np.ndarray, display: Image.Image | np.ndarray | None) 
     return display if isinstance(display, Image.Image) else Image.fromarray(np.asarray(pixels if display is None else display))
 
 
+def int8_step_model(model: StepModel, folder: WeightsFolder) -> StepModel:
+    """The folder's network stepping with its decoder.onnx, if that was made from this folder's decoder (it names its
+    checksum) and ONNX Runtime imports; else, with a warning, the NumPy step."""
+    try:
+        step = Int8StepModel.load(model, folder.decoder_step)
+    except (ImportError, RuntimeError, OSError) as exc:  # (onnxruntime's errors are RuntimeErrors)
+        log.warning("The int8 decoder %s can't be loaded (%s); decoding in float32 NumPy.", folder.decoder_step, exc)
+        return model
+    made_from = step.session.get_modelmeta().custom_metadata_map.get("decoder_sha256")
+    if made_from != sha256(folder.path / WEIGHTS_FILE):
+        log.warning("%s was made from another decoder than %s's; decoding in float32 NumPy (export it again with "
+                    "`python -m training.export_decoder`).", folder.decoder_step, WEIGHTS_FILE)
+        return model
+    return step
+
+
 class Captioner:
     def __init__(self, model: keras.Model | Mapping[str, Sequence[np.ndarray]], vocab: Vocabulary, config: ModelConfig,
-                 encoder_weights: str | Path | None = "imagenet", weights: WeightsFolder | None = None):
+                 encoder_weights: str | Path | None = "imagenet", weights: WeightsFolder | None = None,
+                 decoder: str | None = None):
         """model: the Keras caption model, or its layers' weights by name (what from_folder reads, without Keras).
 
         encoder_weights: what ImageEncoder loads when the encoder is first needed ("imagenet", a file, None: random).
+        decoder: "int8" steps with the folder's decoder.onnx where it has one, "float32" in NumPy; None: $CAPTIONER_DECODER,
+        else int8 (model.decoder_precision).
         """
         if len(vocab) != config.vocab_size:
             raise ValueError(f"vocabulary has {len(vocab)} ids, config says {config.vocab_size}")
@@ -45,6 +65,8 @@ class Captioner:
         self.vocab, self.config, self.weights = vocab, config, weights
         self.encoder_weights = encoder_weights
         self.step_model = StepModel(model)  # all that captioning needs of the network
+        if weights is not None and weights.decoder_step is not None and (decoder or decoder_precision()) == "int8":
+            self.step_model = int8_step_model(self.step_model, weights)
         if isinstance(model, Mapping):
             self._layer_weights = model
         else:
@@ -83,14 +105,14 @@ class Captioner:
         return cls.from_folder(download_from_hub(str(source), revision))
 
     @classmethod
-    def from_folder(cls, folder: WeightsFolder) -> "Captioner":
+    def from_folder(cls, folder: WeightsFolder, decoder: str | None = None) -> "Captioner":
         config = folder.config
         if config.encoder not in ENCODERS:
             raise WeightsError(f"Unknown encoder '{config.encoder}' in {folder.path}; known: {', '.join(ENCODERS)}.")
         vocab = load_vocabulary(folder)
         # The encoder's weights: the folder's own encoder.weights.h5 if it has one, else keras.applications' ImageNet ones.
         encoder_weights = None if folder.encoder_weights == "random" else folder.encoder_file or "imagenet"
-        return cls(read_decoder_weights(folder), vocab, config, encoder_weights, folder)
+        return cls(read_decoder_weights(folder), vocab, config, encoder_weights, folder, decoder)
 
     # ---- what the encoder sees: the folder's optional files (weights.py), read on first use -----------
 

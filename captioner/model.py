@@ -19,7 +19,9 @@ training.
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 
@@ -261,3 +263,93 @@ def column_blocks(matrix: np.ndarray, width: int) -> np.ndarray:
     padded = np.zeros((rows, blocks * width), np.float32)
     padded[:, :columns] = matrix
     return np.ascontiguousarray(padded.reshape(rows, blocks, width).transpose(1, 0, 2))
+
+
+# ---- the step on ONNX Runtime, int8 -----------------------------------------------------------------
+
+# $CAPTIONER_DECODER: "int8" (the default) runs a folder's decoder.onnx where it has one; "float32" always runs
+# StepModel's NumPy step, the reference.
+DECODER_VARIABLE = "CAPTIONER_DECODER"
+DECODER_PRECISIONS = ("int8", "float32")
+
+
+def decoder_precision() -> str:
+    name = os.environ.get(DECODER_VARIABLE, "").strip().lower() or DECODER_PRECISIONS[0]
+    if name not in DECODER_PRECISIONS:
+        raise ValueError(f"{DECODER_VARIABLE} must be 'int8' or 'float32', not {name!r}.")
+    return name
+
+
+def new_words_digest(embeddings: np.ndarray, output_kernel: np.ndarray, output_bias: np.ndarray) -> str:
+    """Which words a grown network adds (StepModel.with_new_words' arguments), as decoder.onnx names the ones it holds."""
+    digest = hashlib.sha256()
+    for array in (embeddings, output_kernel, output_bias):
+        array = np.ascontiguousarray(array, np.float32)
+        digest.update(f"{array.shape}".encode())
+        digest.update(array.data)
+    return digest.hexdigest()
+
+
+class Int8StepModel(StepModel):
+    """StepModel whose `step` runs the weights folder's decoder.onnx (training/export_decoder.py): the same step,
+    token lookup, LSTM and both dense layers, with the three products' weights in int8 and their inputs quantized
+    per call (ONNX Runtime's dynamic quantization), in one call of about 70 microseconds for one row against NumPy's
+    150 (python -m benchmarks.speed): a step streams a quarter of the bytes, and bytes are what a step costs here.
+
+    The inputs' quantization scale is per call: `step` calls once per image, so that an image's caption doesn't depend
+    on the images decoded with it (static scales, calibrated once, would not need that, but ONNX Runtime's kernels for
+    them took 95-150 microseconds a row here, and lost 0.004-0.006 dev CIDEr).
+
+    Everything else is StepModel's, in float32: the image branch, the state, and the weights explain.py
+    differentiates. The graph holds the vocabulary grown by the folder's visual words (their rows after the
+    vocabulary's), so one graph serves both; each model takes the logits of its own vocabulary, and a network grown
+    by other words than the graph's steps in NumPy.
+    """
+
+    def __init__(self, model: StepModel, session, graph_new_words: str):
+        self.__dict__.update(model.__dict__)
+        self.session, self.graph_new_words = session, graph_new_words
+        self._words = model.output_kernel.shape[1]
+
+    @classmethod
+    def load(cls, model: StepModel, path) -> Int8StepModel:
+        """model: the folder's float32 network; path: its decoder.onnx, made from it (the caller checks)."""
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        # One thread, as NumPy's step (decoding.limit_blas_threads): a request's decoding never takes both cores.
+        options.intra_op_num_threads = options.inter_op_num_threads = 1
+        options.log_severity_level = 3  # errors only
+        session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return cls(model, session, session.get_modelmeta().custom_metadata_map.get("new_words", ""))
+
+    def float32(self) -> StepModel:
+        """The same network stepping in NumPy (the reference)."""
+        reference = StepModel.__new__(StepModel)
+        reference.__dict__.update({k: v for k, v in self.__dict__.items() if k not in ("session", "graph_new_words", "_words")})
+        return reference
+
+    def with_new_words(self, embeddings: np.ndarray, output_kernel: np.ndarray, output_bias: np.ndarray) -> StepModel:
+        grown = self.float32().with_new_words(embeddings, output_kernel, output_bias)
+        if new_words_digest(embeddings, output_kernel, output_bias) != self.graph_new_words:
+            return grown  # words the graph lacks: NumPy's step
+        return Int8StepModel(grown, self.session, self.graph_new_words)
+
+    def step(self, image: np.ndarray, tokens: np.ndarray, state: tuple[np.ndarray, np.ndarray]):
+        """StepModel.step, each image's rows in a call of their own: a call quantizes its inputs with one scale, their
+        largest value, so rows of other images in the same call would change an image's numbers, and its caption
+        would depend on the images decoded with it. Decoders keep an image's rows together (image-major)."""
+        h, c = state
+        if len(image) > 1:
+            starts = np.flatnonzero(np.r_[True, (image[1:] != image[:-1]).any(axis=1)])
+            if len(starts) > 1:
+                parts = [self._run(image[a:b], tokens[a:b], h[a:b], c[a:b]) for a, b in zip(starts, [*starts[1:], len(image)])]
+                logits, h, c = (np.concatenate(arrays) for arrays in zip(*parts))
+                return logits, (h, c)
+        logits, h, c = self._run(image, tokens, h, c)
+        return logits, (h, c)
+
+    def _run(self, image: np.ndarray, tokens: np.ndarray, h: np.ndarray, c: np.ndarray):
+        logits, h, c = self.session.run(None, {"image": np.asarray(image, np.float32), "token": np.asarray(tokens, np.int64),
+                                               "h": h, "c": c})
+        return logits[:, : self._words], h, c

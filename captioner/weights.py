@@ -11,6 +11,9 @@
                          classes' caption words (training/visual.py); checksummed
     encoder.xml, encoder.bin  optional: the image encoder as an OpenVINO model (float16 or int8), which serving
                          runs without converting anything or Keras (training/export_encoder.py); checksummed
+    decoder.onnx         optional: the decoder's step with int8 weights, which serving runs on ONNX Runtime
+                         (training/export_decoder.py; model.Int8StepModel); checksummed, and made from this folder's
+                         decoder and visual words (it names their checksums: a stale one is not used)
     metrics.json         optional: test-split scores
     README.md, *.png     optional: model card and training plot
 
@@ -39,14 +42,18 @@ ENCODER_WEIGHTS_FILE = "encoder.weights.h5"  # optional; checksummed when presen
 HEAD_FILE = "encoder_head.weights.h5"  # optional; checksummed when present
 VISUAL_SETTINGS_FILE, VISUAL_WEIGHTS_FILE = "visual.json", "visual.weights.h5"  # optional, together; checksummed
 ENCODER_IR_FILE, ENCODER_IR_WEIGHTS_FILE = "encoder.xml", "encoder.bin"  # optional, together; checksummed
+DECODER_STEP_FILE = "decoder.onnx"  # optional; checksummed
 # What a folder may hold beside the required files: each is trusted only if config.json lists its checksum.
 OPTIONAL_CHECKSUMMED_FILES = (ENCODER_WEIGHTS_FILE, HEAD_FILE, VISUAL_SETTINGS_FILE, VISUAL_WEIGHTS_FILE)
-OPTIONAL_CHECKSUMMED_FILES += (ENCODER_IR_FILE, ENCODER_IR_WEIGHTS_FILE)
+OPTIONAL_CHECKSUMMED_FILES += (ENCODER_IR_FILE, ENCODER_IR_WEIGHTS_FILE, DECODER_STEP_FILE)
+# What decoder.onnx is made from beside the decoder's weights (new weights come with write_config, which removes
+# every optional file): when add_files replaces it, the folder's decoder.onnx goes.
+DECODER_STEP_SOURCES = (WEIGHTS_FILE, VISUAL_WEIGHTS_FILE)
 # Every file a weights folder holds: what training.push uploads and the app downloads from the Hub
 # (never training's work files or caption dumps).
 FOLDER_FILES = [CONFIG_FILE, VOCAB_FILE, WEIGHTS_FILE, ENCODER_WEIGHTS_FILE, HEAD_FILE, VISUAL_SETTINGS_FILE,
                 VISUAL_WEIGHTS_FILE, METRICS_FILE, METRICS_TABLE_FILE, CARD_FILE, HISTORY_FILE, "*.png"]
-FOLDER_FILES += [ENCODER_IR_FILE, ENCODER_IR_WEIGHTS_FILE]
+FOLDER_FILES += [ENCODER_IR_FILE, ENCODER_IR_WEIGHTS_FILE, DECODER_STEP_FILE]
 # The repository's own weights/ folder: the bundled model, and where training writes by default.
 # `pip install .` puts a copy inside the package (see pyproject.toml).
 BUNDLED_WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
@@ -70,6 +77,7 @@ class WeightsFolder:
     head_file: Path | None = None  # the folder's encoder_head.weights.h5, checked; None: no objects
     visual_files: tuple[Path, Path] | None = None  # visual.json and visual.weights.h5, checked; None: no flag
     encoder_ir: Path | None = None  # the folder's encoder.xml (with encoder.bin), checked; None: converted from Keras
+    decoder_step: Path | None = None  # the folder's decoder.onnx, checked; None: the NumPy step
 
     @property
     def metrics(self) -> dict | None:
@@ -119,7 +127,8 @@ def write_config(folder: str | Path, config: ModelConfig, encoder_weights: str =
 def add_files(folder: str | Path, files: dict[str, str | Path]) -> Path:
     """Copy optional files into a weights folder ({name in the folder: source}) and list their checksums in its
     config.json, every other file and setting as it was: how the ImageNet head and the familiarity files join a
-    trained folder (the bundled one included). -> the config's path."""
+    trained folder (the bundled one included). A new version of a file that decoder.onnx is made from removes
+    decoder.onnx (export it again: training/export_decoder.py). -> the config's path."""
     folder = Path(folder)
     path = folder / CONFIG_FILE
     content = json.loads(path.read_text())
@@ -128,7 +137,11 @@ def add_files(folder: str | Path, files: dict[str, str | Path]) -> Path:
             raise ValueError(f"{name} is not one of a weights folder's optional files ({', '.join(OPTIONAL_CHECKSUMMED_FILES)})")
         if Path(source).resolve() != (folder / name).resolve():
             shutil.copyfile(source, folder / name)
-        content["files"][name] = sha256(folder / name)
+        checksum = sha256(folder / name)
+        if name in DECODER_STEP_SOURCES and checksum != content["files"].get(name):
+            content["files"].pop(DECODER_STEP_FILE, None)
+            (folder / DECODER_STEP_FILE).unlink(missing_ok=True)
+        content["files"][name] = checksum
     path.write_text(json.dumps(content, indent=2) + "\n")
     return path
 
@@ -171,7 +184,7 @@ def read_folder(folder: str | Path, source: str | None = None, revision: str | N
     return WeightsFolder(folder, config, content.get("encoder_weights", "imagenet"), source or str(folder), revision,
                          listed(ENCODER_WEIGHTS_FILE), listed(HEAD_FILE),
                          (folder / VISUAL_SETTINGS_FILE, folder / VISUAL_WEIGHTS_FILE) if listed(VISUAL_WEIGHTS_FILE) else None,
-                         encoder_ir=listed(ENCODER_IR_FILE))
+                         encoder_ir=listed(ENCODER_IR_FILE), decoder_step=listed(DECODER_STEP_FILE))
 
 
 def load_vocabulary(folder: WeightsFolder) -> Vocabulary:

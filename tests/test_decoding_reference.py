@@ -98,9 +98,11 @@ def test_the_one_image_paths_give_what_the_batch_bookkeeping_gives_for_one_image
 
 @pytest.fixture(scope="module")
 def bundled():
+    """The bundled model stepping in NumPy's float32, as the reference does (the int8 step: test_bundled_weights.py)."""
     from captioner import Captioner
+    from captioner.weights import read_folder
 
-    return Captioner.from_pretrained(ROOT / "weights")
+    return Captioner.from_folder(read_folder(ROOT / "weights"), decoder="float32")
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,9 @@ COCO_DEV = SHARED / "coco-dev"
 
 @pytest.fixture(scope="module")
 def bundled() -> Captioner:
-    return Captioner.from_pretrained(BUNDLED)
+    """The bundled model with NumPy's float32 step, which the searches written out in tests/reference_decoding.py
+    use (the int8 step's captions: tests/test_bundled_weights.py)."""
+    return Captioner.from_folder(read_folder(BUNDLED), decoder="float32")
 
 
 @pytest.fixture(scope="module")

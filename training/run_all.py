@@ -1,6 +1,7 @@
 """Every training step in one command, from the images to a finished weights folder:
 
-    prepare -> glove -> convert_encoder -> features -> train -> self_critical -> evaluate -> export_encoder -> model_card
+    prepare -> glove -> convert_encoder -> features -> train -> self_critical -> evaluate -> export_encoder
+            -> imagenet_head -> visual -> export_decoder -> model_card
 
     python -m training.run_all [--data ../shared/flickr8k] [--work-dir artifacts] [--out weights]
         [--encoder efficientnet_lite0] [--random-encoder] [--limit N] [--epochs E] [--scst-epochs S] [--seed N] [--skip-eval]
@@ -33,8 +34,8 @@ from pathlib import Path
 
 from captioner.encoder import ENCODERS
 from captioner.weights import WeightsError, read_folder
-from training import (convert_encoder, evaluate, export_encoder, features, finetune, glove, model_card, prepare, scst, train,
-                      visual)
+from training import (convert_encoder, evaluate, export_decoder, export_encoder, features, finetune, glove, model_card, prepare,
+                      scst, train, visual)
 from training.config import option, parse_config
 from training.convert_encoder import ConversionError
 from training.datasets import KINDS, DatasetError
@@ -75,6 +76,8 @@ class RunConfig:
                                     "training/export_encoder.py); none: converted from Keras when first served",
                                     choices=["int8", "f16", "none"])
     no_meteor: bool = option(False, "evaluate without METEOR (it needs Java)")
+    decoder_precision: str = option("int8", "the decoder step the folder serves (training/export_decoder.py); float32: "
+                                    "NumPy's, no decoder.onnx", choices=["int8", "float32"])
 
 
 def steps(run: RunConfig) -> list[tuple[str, callable, object]]:
@@ -116,6 +119,9 @@ def steps(run: RunConfig) -> list[tuple[str, callable, object]]:
         planned.append(("imagenet_head", convert_encoder.export_head,
                         convert_encoder.ConvertConfig(encoder, work, head_into=out)))
         planned.append(("visual", visual.build, visual.VisualConfig(out, work)))
+    # The decoder's step in int8 (after the visual words: its graph holds the words they add).
+    if run.decoder_precision == "int8":
+        planned.append(("export_decoder", export_decoder.export, export_decoder.ExportDecoderConfig(out, work)))
     planned.append(("model_card", model_card.write_model_card, out))
     return planned
 
