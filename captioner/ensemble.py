@@ -416,6 +416,7 @@ class Ensemble:
         sources = [member.weights.source if member.weights is not None else "unknown source" for member in self.members]
         return {
             "encoder": " + ".join(f"{member.config.encoder} ({weight:g})" for member, weight in zip(self.members, self.weights)),
+            "decoder": " + ".join(member.description["decoder"] for member in self.members),
             "vocab_size": len(self.vocab),
             "source": " + ".join(sources),
             "revision": None,

@@ -276,7 +276,8 @@ class Captioner:
     @property
     def description(self) -> dict:
         """Facts about the loaded model, for the app's info line."""
-        info = {"encoder": self.config.encoder, "vocab_size": self.config.vocab_size}
+        info = {"encoder": self.config.encoder, "vocab_size": self.config.vocab_size,
+                "decoder": "int8" if isinstance(self.step_model, Int8StepModel) else "float32"}
         if self.weights is not None:
             info["source"] = self.weights.source
             info["revision"] = self.weights.revision

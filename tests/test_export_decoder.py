@@ -127,5 +127,6 @@ def test_the_bundled_folder_names_its_new_words_in_its_graph():
     """The bundled graph holds the vocabulary grown by its visual words: naming objects steps in int8 too."""
     captioner = Captioner.from_pretrained(BUNDLED_WEIGHTS)
     assert type(captioner.step_model) is Int8StepModel and type(captioner.naming.model) is Int8StepModel
+    assert captioner.description["decoder"] == "int8"  # the page's model line says so
     graph_words = captioner.step_model.session.get_outputs()[0].shape[1]
     assert graph_words == len(captioner.naming.vocab) > len(captioner.vocab)

@@ -276,3 +276,5 @@ def test_model_facts():
     )
     bare = handlers.model_facts({"encoder": "resnet50", "vocab_size": 10, "source": "weights/", "revision": None, "metrics": None})
     assert bare == "Encoder `resnet50` · weights from `weights/` · vocabulary of 10 tokens"
+    int8 = handlers.model_facts({"encoder": "efficientnet_lite0", "decoder": "int8", "vocab_size": 10, "source": "weights/"})
+    assert int8 == "Encoder `efficientnet_lite0` · decoder step int8 · weights from `weights/` · vocabulary of 10 tokens"

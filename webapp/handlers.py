@@ -413,14 +413,15 @@ class ExplainedPhoto:
 
 
 def model_facts(description: dict, seconds: float | None = None, name: str | None = None) -> str:
-    """One Markdown line about a loaded model: its name (the page's label for it, when given), encoder, weights,
-    vocabulary and test scores (and how long the last caption took)."""
+    """One Markdown line about a loaded model: its name (the page's label for it, when given), encoder, decoder step
+    (int8 or float32), weights, vocabulary and test scores (and how long the last caption took)."""
     source = description.get("source") or "unknown source"
     revision = description.get("revision")
     encoders = "Encoders" if " + " in description["encoder"] else "Encoder"  # an ensemble's: each member's
     facts = [
         *([f"**{name}**"] if name else []),
         f"{encoders} `{description['encoder']}`",
+        *([f"decoder step {description['decoder']}"] if description.get("decoder") else []),
         f"weights from `{source}`" + (f" (revision `{revision[:10]}`)" if revision else ""),
         f"vocabulary of {description['vocab_size']:,} tokens",
     ]
