@@ -307,9 +307,20 @@ class Int8StepModel(StepModel):
     """
 
     def __init__(self, model: StepModel, session, graph_new_words: str):
+        """Raises ValueError if the graph's inputs and outputs don't fit the network (a folder's file, not trusted)."""
+        inputs = {i.name: i.shape for i in session.get_inputs()}
+        outputs = [o.shape for o in session.get_outputs()]
+        units, words = model.units, model.output_kernel.shape[1]
+        fits = (inputs.keys() == {"image", "token", "h", "c"} and len(outputs) == 3
+                and all(len(inputs[name]) == 2 and inputs[name][1] == units for name in ("image", "h", "c"))
+                and len(outputs[0]) == 2 and isinstance(outputs[0][1], int) and outputs[0][1] >= words
+                and all(len(shape) == 2 and shape[1] == units for shape in outputs[1:]))
+        if not fits:
+            raise ValueError(f"the graph's inputs {inputs} and outputs {outputs} don't fit a network of {units} units and "
+                             f"{words} words")
         self.__dict__.update(model.__dict__)
         self.session, self.graph_new_words = session, graph_new_words
-        self._words = model.output_kernel.shape[1]
+        self._words = words
 
     @classmethod
     def load(cls, model: StepModel, path) -> Int8StepModel:

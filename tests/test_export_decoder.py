@@ -130,3 +130,26 @@ def test_the_bundled_folder_names_its_new_words_in_its_graph():
     assert captioner.description["decoder"] == "int8"  # the page's model line says so
     graph_words = captioner.step_model.session.get_outputs()[0].shape[1]
     assert graph_words == len(captioner.naming.vocab) > len(captioner.vocab)
+
+
+@pytest.mark.parametrize("damage", ["not an ONNX file", "a graph for another network", "no onnxruntime"])
+def test_a_decoder_onnx_that_cant_serve_leaves_numpys_step(exported_tiny, tmp_path, caplog, monkeypatch, tiny_captioner, damage):
+    """A folder's file (a Hub repo's) is not trusted: whatever it holds, the captioner loads, says why in the log,
+    and decodes in NumPy."""
+    folder = shutil.copytree(exported_tiny, tmp_path / "weights")
+    if damage == "not an ONNX file":
+        (tmp_path / DECODER_STEP_FILE).write_bytes(b"\x08\x07garbage" * 100)
+    elif damage == "a graph for another network":  # another width: its logits would not fit the vocabulary
+        other = tiny_captioner.step_model
+        graph = step_graph(other.with_new_words(np.zeros((0, other.embeddings.shape[1]), np.float32), np.zeros((other.units, 0), np.float32),
+                                                np.zeros(0, np.float32)), other.embeddings)
+        graph.graph.output[0].type.tensor_type.shape.dim[1].dim_value = 3
+        onnx.save(graph, tmp_path / DECODER_STEP_FILE)
+    else:
+        shutil.copyfile(folder / DECODER_STEP_FILE, tmp_path / DECODER_STEP_FILE)
+        monkeypatch.setitem(__import__("sys").modules, "onnxruntime", None)  # `import onnxruntime` raises ImportError
+    add_files(folder, {DECODER_STEP_FILE: tmp_path / DECODER_STEP_FILE})
+    with caplog.at_level(logging.WARNING, logger="captioner.inference"):
+        captioner = Captioner.from_folder(read_folder(folder))
+    assert type(captioner.step_model) is StepModel and "decoding in float32 NumPy" in caplog.text
+    assert captioner.caption_features(np.ones((1, captioner.config.feature_dim), np.float32))[0].text
