@@ -293,8 +293,8 @@ def new_words_digest(embeddings: np.ndarray, output_kernel: np.ndarray, output_b
 class Int8StepModel(StepModel):
     """StepModel whose `step` runs the weights folder's decoder.onnx (training/export_decoder.py): the same step,
     token lookup, LSTM and both dense layers, with the three products' weights in int8 and their inputs quantized
-    per call (ONNX Runtime's dynamic quantization), in one call of about 70 microseconds for one row against NumPy's
-    150 (python -m benchmarks.speed): a step streams a quarter of the bytes, and bytes are what a step costs here.
+    per call (ONNX Runtime's dynamic quantization), in one call of about 60 microseconds for one row against NumPy's
+    140 (README, The decoder step): a step streams a quarter of the bytes, and bytes are what a step costs here.
 
     The inputs' quantization scale is per call: `step` calls once per image, so that an image's caption doesn't depend
     on the images decoded with it (static scales, calibrated once, would not need that, but ONNX Runtime's kernels for

@@ -47,8 +47,8 @@ DECODER_STEP_FILE = "decoder.onnx"  # optional; checksummed
 OPTIONAL_CHECKSUMMED_FILES = (ENCODER_WEIGHTS_FILE, HEAD_FILE, VISUAL_SETTINGS_FILE, VISUAL_WEIGHTS_FILE)
 OPTIONAL_CHECKSUMMED_FILES += (ENCODER_IR_FILE, ENCODER_IR_WEIGHTS_FILE, DECODER_STEP_FILE)
 # What decoder.onnx is made from beside the decoder's weights (new weights come with write_config, which removes
-# every optional file): when add_files replaces it, the folder's decoder.onnx goes.
-DECODER_STEP_SOURCES = (WEIGHTS_FILE, VISUAL_WEIGHTS_FILE)
+# every optional file): when add_files brings a new one, the folder's decoder.onnx goes.
+DECODER_STEP_SOURCES = (VISUAL_WEIGHTS_FILE,)
 # Every file a weights folder holds: what training.push uploads and the app downloads from the Hub
 # (never training's work files or caption dumps).
 FOLDER_FILES = [CONFIG_FILE, VOCAB_FILE, WEIGHTS_FILE, ENCODER_WEIGHTS_FILE, HEAD_FILE, VISUAL_SETTINGS_FILE,
