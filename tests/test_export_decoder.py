@@ -153,3 +153,16 @@ def test_a_decoder_onnx_that_cant_serve_leaves_numpys_step(exported_tiny, tmp_pa
         captioner = Captioner.from_folder(read_folder(folder))
     assert type(captioner.step_model) is StepModel and "decoding in float32 NumPy" in caplog.text
     assert captioner.caption_features(np.ones((1, captioner.config.feature_dim), np.float32))[0].text
+
+
+def test_an_images_int8_caption_does_not_depend_on_the_images_decoded_with_it(example_images):
+    """The int8 step quantizes a call's inputs with one scale: it calls once per image, so a batch's captions are
+    each image's own (the batch command, a resumed job and Ray give the app's captions)."""
+    captioner = Captioner.from_pretrained(BUNDLED_WEIGHTS)
+    features = captioner.encode(example_images)
+    for options in (DecodingOptions(), DecodingOptions("greedy", name_objects=False)):
+        together = captioner.caption_features(features, options)
+        alone = [captioner.caption_features(features[i : i + 1], options)[0] for i in range(len(features))]
+        for ours, own in zip(together, alone):  # (log-probabilities summed in another order: to 1e-5)
+            assert [text for text, _ in ours.candidates] == [text for text, _ in own.candidates]
+            np.testing.assert_allclose([lp for _, lp in ours.candidates], [lp for _, lp in own.candidates], rtol=1e-5)
