@@ -6,9 +6,10 @@
 Medians of repeated runs after warm-up, on the same images; comparisons are measured in the same run,
 interleaved where they share a line, so background load hits both sides alike:
 
-  encoder      encode_pixels() on prepared pixels, ms per image at batch 1 and 8: TensorFlow, OpenVINO float32
+  encoder      encode_pixels() on prepared uint8 pixels, ms per image at batch 1 and 8: TensorFlow, OpenVINO float32
                (the Keras encoder converted at load: the code before issue 19), and the weights folder's own
-               OpenVINO model (encoder.xml: int8 for the bundled folder), interleaved
+               OpenVINO model (encoder.xml: int8 for the bundled folder; one image with its preprocessing inside
+               it), interleaved
   decoding     caption_features() from one image's features, ms per caption: greedy, beam 3, 5, 10; with the
                folder's int8 step (decoder.onnx) and with NumPy's float32 step (before), interleaved
   caption()    an image file to its caption (greedy; beam 5 with the recommended length penalty), p50 and
@@ -317,7 +318,6 @@ def main(argv=None) -> int:
     from captioner import Captioner
     from captioner.batch import list_images
     from captioner.decoding import limit_blas_threads
-    from captioner.image import prepare_images
 
     limit_blas_threads()
     started, load = datetime.now(timezone.utc), os.getloadavg()
@@ -329,7 +329,7 @@ def main(argv=None) -> int:
         "machine": platform.processor() or platform.machine(), "loadavg_start": [round(x, 2) for x in load],
     }}
     print(f"encoders on {len(images)} images ...", file=sys.stderr)
-    results["encoder"] = measure_encoders(cap, prepare_images(images, cap.encoder.input_size), args.repeats)
+    results["encoder"] = measure_encoders(cap, cap.prepare_pixels(images), args.repeats)  # uint8, as the app's
     before = float32_twin(cap)
     print("decoding ...", file=sys.stderr)
     results["decoding"] = measure_decoding(cap, cap.encode(images), args.repeats, before)

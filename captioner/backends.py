@@ -75,15 +75,16 @@ class KerasMissing(ImportError):
 
 
 def load_backend(build_model: Callable[[], keras.Model], name: str | None = None, cache_key: str | None = None,
-                 ir: str | os.PathLike | None = None) -> EncoderBackend:
+                 ir: str | os.PathLike | None = None, pixel_normalization: tuple[float, float] | None = None) -> EncoderBackend:
     """Run the Keras model `build_model()` gives with the chosen backend; OpenVINO falls back to TensorFlow if it
     can't compile it. cache_key: what names the model in OpenVINO's cache (then it is built only if the cache
     lacks it); None: the built model's fingerprint. ir: an OpenVINO model (.xml) of the encoder, which OpenVINO
-    compiles instead of converting the Keras model (TensorFlow still runs the Keras model: the reference)."""
+    compiles instead of converting the Keras model (TensorFlow still runs the Keras model: the reference).
+    pixel_normalization: see OpenVINOBackend."""
     name = backend_name(name)
     if name == "openvino":
         try:
-            return OpenVINOBackend(build_model, cache_key=cache_key, ir=ir)
+            return OpenVINOBackend(build_model, cache_key=cache_key, ir=ir, pixel_normalization=pixel_normalization)
         except KerasMissing:
             raise
         except ImportError as exc:
@@ -127,24 +128,30 @@ class OpenVINOBackend(EncoderBackend):
     name = "openvino"
 
     def __init__(self, feature_map_model: keras.Model | Callable[[], keras.Model] | None, cache_dir: str | os.PathLike | None = None,
-                 cache_key: str | None = None, ir: str | os.PathLike | None = None):
+                 cache_key: str | None = None, ir: str | os.PathLike | None = None,
+                 pixel_normalization: tuple[float, float] | None = None):
         """feature_map_model: the Keras model, or a function that builds it, called only if the cache lacks it.
         cache_key: names the model in the cache; None: the built model's fingerprint (model_fingerprint).
         ir: the encoder as an OpenVINO model (a weights folder's encoder.xml, pixels -> (pooled, maps)): compiled
-        as it is (OpenVINO's compiled blob cached), with no Keras model built or converted."""
+        as it is (OpenVINO's compiled blob cached), with no Keras model built or converted.
+        pixel_normalization: with ir, (mean, scale) of the encoder's preprocessing ((pixels - mean) / scale): one
+        image's uint8 pixels then go straight in (encode_one_image)."""
         ov = import_openvino()
 
         self.core = _core()
         if ir is not None:
             cache = Path(cache_dir) if cache_dir else default_cache_dir()
-            self.cache_hit, self.ir = True, Path(ir)
+            self.cache_hit, self.ir, self._pixel_normalization = True, Path(ir), pixel_normalization
+            self._config = {**OPENVINO_CONFIG, "CACHE_DIR": str(cache / "openvino" / "compiled")}
             try:
                 (cache / "openvino" / "compiled").mkdir(parents=True, exist_ok=True)
-                self.compiled = self.core.compile_model(str(ir), "CPU", {**OPENVINO_CONFIG, "CACHE_DIR": str(cache / "openvino" / "compiled")})
             except OSError as exc:  # a read-only or full disk
                 log.warning("The OpenVINO cache at %s can't be used (%s); compiling without it.", cache, exc)
-                self.compiled = self.core.compile_model(str(ir), "CPU", OPENVINO_CONFIG)
-            self._outputs()
+                self._config = OPENVINO_CONFIG
+            # Compiled now, so that a model OpenVINO can't compile is known at load: the one-image model where there
+            # is one (the model for batches of preprocessed pixels then waits for its first batch: a server of one
+            # photo at a time never compiles it), else the model for batches.
+            self._one_image if pixel_normalization is not None else self.compiled  # noqa: B018
             return
         self.ir = None
         given = None if callable(feature_map_model) and not hasattr(feature_map_model, "inputs") else feature_map_model
@@ -169,13 +176,56 @@ class OpenVINOBackend(EncoderBackend):
         except OSError as exc:  # a read-only or full disk: compile without the cache, at the usual cost
             log.warning("The OpenVINO cache at %s can't be used (%s); compiling without it.", cache, exc)
             self.compiled = self.core.compile_model(_convert(model()), "CPU", OPENVINO_CONFIG)
-        self._outputs()
+        self._outputs(self.compiled)
 
-    def _outputs(self) -> None:
+    def _outputs(self, compiled) -> None:
         # Which output is which: the pooled features have rank 2, the maps rank 4.
-        ranks = [len(output.get_partial_shape()) for output in self.compiled.outputs]
+        ranks = [len(output.get_partial_shape()) for output in compiled.outputs]
         self._pooled_index, self._maps_index = ranks.index(2), ranks.index(4)
         self._requests = threading.local()  # an infer request serves one call at a time: one per thread
+
+    @functools.cached_property
+    def compiled(self):
+        """The folder's model for any batch of preprocessed pixels, compiled on first use (the converted Keras model's
+        is set in __init__)."""
+        compiled = self.core.compile_model(str(self.ir), "CPU", self._config)
+        self._outputs(compiled)
+        return compiled
+
+    @functools.cached_property
+    def _one_image(self):
+        """The folder's model for one image of uint8 pixels: its shape fixed at batch 1 and its preprocessing inside
+        it, as OpenVINO's preprocessing steps (the same features as the float path; about 20% faster here)."""
+        from openvino.preprocess import PrePostProcessor
+
+        ov = import_openvino()
+        model = self.core.read_model(str(self.ir))
+        model.reshape([1, *(dimension.get_length() for dimension in list(model.inputs[0].get_partial_shape())[1:])])
+        steps = PrePostProcessor(model)
+        steps.input().tensor().set_element_type(ov.Type.u8)
+        mean, scale = self._pixel_normalization
+        steps.input().preprocess().convert_element_type(ov.Type.f32).mean(mean).scale(scale)
+        compiled = self.core.compile_model(steps.build(), "CPU", self._config)
+        ranks = [len(output.get_partial_shape()) for output in compiled.outputs]
+        return compiled, compiled.outputs[ranks.index(2)], compiled.outputs[ranks.index(4)], threading.local()
+
+    @property
+    def encode_one_image(self):
+        """(1, h, w, 3) uint8 pixels -> pooled (1, C), or (pooled, maps); None: this backend has no such path (the
+        Keras model converted at load, or an encoder without pixel_normalization)."""
+        if self.__dict__.get("ir") is None or self._pixel_normalization is None:
+            return None
+        return self._encode_one_image
+
+    def _encode_one_image(self, pixels: np.ndarray, feature_maps: bool = False):
+        compiled, pooled, maps, requests = self._one_image
+        request = getattr(requests, "request", None)
+        if request is None:
+            request = requests.request = compiled.create_infer_request()
+        outputs = request.infer([np.ascontiguousarray(pixels, dtype=np.uint8)], share_inputs=True, share_outputs=True)
+        if not feature_maps:
+            return np.array(outputs[pooled])  # (copied: the request's buffers are reused by its next call)
+        return np.array(outputs[pooled]), np.array(outputs[maps])
 
     def _cached_ir(self, build_model: Callable[[], keras.Model], folder: Path, ov) -> Path:
         """The converted model (OpenVINO IR) in `folder`, building and converting it only if no earlier process did."""
@@ -200,14 +250,15 @@ class OpenVINOBackend(EncoderBackend):
         return xml
 
     def __call__(self, pixels: np.ndarray, feature_maps: bool = False):
+        compiled = self.compiled  # (first: a folder's model is compiled on first use)
         request = getattr(self._requests, "request", None)
         if request is None:
-            request = self._requests.request = self.compiled.create_infer_request()
+            request = self._requests.request = compiled.create_infer_request()
         outputs = request.infer([np.ascontiguousarray(pixels, dtype=np.float32)])  # copies out of the request's buffers
-        pooled = outputs[self.compiled.outputs[self._pooled_index]]
+        pooled = outputs[compiled.outputs[self._pooled_index]]
         if not feature_maps:
             return pooled
-        return pooled, outputs[self.compiled.outputs[self._maps_index]]
+        return pooled, outputs[compiled.outputs[self._maps_index]]
 
 
 def _convert(model: keras.Model):

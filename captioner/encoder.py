@@ -40,6 +40,9 @@ class EncoderSpec:
     preprocess_input: Callable[[np.ndarray], np.ndarray]
     input_size: tuple[int, int]  # (width, height)
     feature_dim: int  # channels of the last feature map
+    # (mean, scale) where preprocess_input is (pixels - mean) / scale, the same numbers in every channel: OpenVINO then
+    # does it inside the folder's model, for one image's uint8 pixels (backends.OpenVINOBackend.encode_one_image).
+    pixel_normalization: tuple[float, float] | None = None
 
 
 # keras.applications' three ways to preprocess pixels 0..255 (imagenet_utils' "tf", "caffe" and "torch" modes), in
@@ -81,7 +84,8 @@ ENCODERS: dict[str, EncoderSpec] = {
     # file, converted by training/convert_encoder.py and carried by the weights folder (encoder.weights.h5).
     **{
         name: EncoderSpec(efficientnet_lite.encoder_builder(name), efficientnet_lite.preprocess_input,
-                          (scaling.resolution, scaling.resolution), efficientnet_lite.FEATURE_DIM)
+                          (scaling.resolution, scaling.resolution), efficientnet_lite.FEATURE_DIM,
+                          (efficientnet_lite.INPUT_MEAN, efficientnet_lite.INPUT_SCALE))
         for name, scaling in efficientnet_lite.VARIANTS.items()
     },
 }
@@ -111,7 +115,8 @@ class ImageEncoder:
         self.name, self.spec, self.weights = name, ENCODERS[name], weights
         # OpenVINO finds a compiled encoder in its cache by this key alone: a restart runs it without building
         # the Keras model, or importing Keras at all.
-        self.backend = load_backend(lambda: self.feature_map_model, backend, cache_key=encoder_cache_key(name, weights), ir=ir)
+        self.backend = load_backend(lambda: self.feature_map_model, backend, cache_key=encoder_cache_key(name, weights), ir=ir,
+                                    pixel_normalization=self.spec.pixel_normalization)
 
     @cached_property
     def feature_map_model(self) -> keras.Model:
@@ -153,6 +158,9 @@ class ImageEncoder:
 
     def encode_pixels(self, pixels: np.ndarray, feature_maps: bool = False):
         """(n, h, w, 3) resized RGB pixels 0..255 -> (n, C) features, or (features, (n, h', w', C) feature maps)."""
+        one_image = getattr(self.backend, "encode_one_image", None)
+        if one_image is not None and len(pixels) == 1 and np.asarray(pixels).dtype == np.uint8:  # the app's case
+            return one_image(np.asarray(pixels), feature_maps)
         return self.backend(self.spec.preprocess_input(np.array(pixels, dtype=np.float32)), feature_maps)
 
 

@@ -168,6 +168,23 @@ def test_the_bundled_folders_openvino_model_gives_the_references_features(bundle
     assert all(caption.text for caption in served.caption_batch(example_images))
 
 
+def test_one_images_uint8_pixels_go_through_the_folders_model_with_its_preprocessing_inside(example_images):
+    """The app's case, one photo: its uint8 pixels into the folder's model fixed at batch 1, with EfficientNet-Lite's
+    (x - 127) / 128 done by OpenVINO, give the features (and maps) of the float path, which batches take."""
+    from captioner import Captioner
+
+    served = Captioner.from_pretrained(ROOT / "weights")
+    backend = served.encoder.backend
+    assert backend.encode_one_image is not None and served.encoder.spec.pixel_normalization == (127.0, 128.0)
+    pixels = served.prepare_pixels(example_images)
+    assert pixels.dtype == np.uint8
+    one_by_one = [served.encode_pixels(pixels[i : i + 1], feature_maps=True) for i in range(len(pixels))]
+    pooled, maps = backend(served.encoder.spec.preprocess_input(pixels.astype(np.float32)), feature_maps=True)
+    np.testing.assert_allclose(np.concatenate([p for p, _ in one_by_one]), pooled, atol=1e-5)  # (equal here)
+    np.testing.assert_allclose(np.concatenate([m for _, m in one_by_one]), maps, atol=1e-5)
+    assert served.encode_pixels(pixels).shape == (len(pixels), served.config.feature_dim)  # a batch: the float path
+
+
 @pytest.mark.parametrize("method", ["greedy", "beam"])
 def test_bundled_weights_same_captions_on_both_backends(bundled_on_both_backends, example_images, method):
     fast, reference = bundled_on_both_backends
