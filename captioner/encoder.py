@@ -158,9 +158,10 @@ class ImageEncoder:
 
     def encode_pixels(self, pixels: np.ndarray, feature_maps: bool = False):
         """(n, h, w, 3) resized RGB pixels 0..255 -> (n, C) features, or (features, (n, h', w', C) feature maps)."""
+        pixels = np.asarray(pixels)
         one_image = getattr(self.backend, "encode_one_image", None)
-        if one_image is not None and len(pixels) == 1 and np.asarray(pixels).dtype == np.uint8:  # the app's case
-            return one_image(np.asarray(pixels), feature_maps)
+        if one_image is not None and len(pixels) == 1 and pixels.dtype == np.uint8:  # the app's case
+            return one_image(pixels, feature_maps)
         return self.backend(self.spec.preprocess_input(np.array(pixels, dtype=np.float32)), feature_maps)
 
 

@@ -115,7 +115,7 @@ def word_log_prob_gradients(
     pre_image = features @ model.image_kernel + model.image_bias  # (units,)
     image = np.maximum(pre_image, 0.0)
     pre_hidden = (image + hidden) @ model.decoder_kernel + model.decoder_bias  # (T, units)
-    logits = model._logits(np.maximum(pre_hidden, 0.0))  # (T, vocab); by blocks of columns, as a step's
+    logits = np.maximum(pre_hidden, 0.0) @ model.output_kernel + model.output_bias  # (T, vocab)
     if allowed is not None:
         logits[~allowed] = -np.inf
     shifted = logits - logits.max(axis=1, keepdims=True)

@@ -22,7 +22,7 @@ from .model import Int8StepModel, ModelConfig, StepModel, build_caption_model, d
 from .visual import Familiarity, ImageNetHead, read_familiarity_and_words
 from .vocabulary import Vocabulary
 from .weights import (BUNDLED_WEIGHTS, WEIGHTS_FILE, WeightsError, WeightsFolder, download_from_hub, load_vocabulary,
-                      read_decoder_weights, read_folder, sha256)
+                      read_decoder_weights, read_folder)
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ def int8_step_model(model: StepModel, folder: WeightsFolder) -> StepModel:
         log.warning("The int8 decoder %s can't be loaded (%s); decoding in float32 NumPy.", folder.decoder_step, exc)
         return model
     made_from = step.session.get_modelmeta().custom_metadata_map.get("decoder_sha256")
-    if made_from != sha256(folder.path / WEIGHTS_FILE):
+    if made_from != folder.decoder_sha256:  # (read_folder checked the file against it: no second hash)
         log.warning("%s was made from another decoder than %s's; decoding in float32 NumPy (export it again with "
                     "`python -m training.export_decoder`).", folder.decoder_step, WEIGHTS_FILE)
         return model

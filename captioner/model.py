@@ -298,7 +298,7 @@ class Int8StepModel(StepModel):
 
     The inputs' quantization scale is per call: `step` calls once per image, so that an image's caption doesn't depend
     on the images decoded with it (static scales, calibrated once, would not need that, but ONNX Runtime's kernels for
-    them took 95-150 microseconds a row here, and lost 0.004-0.006 dev CIDEr).
+    them took 89-150 microseconds a step here, and lost 0.004-0.007 dev CIDEr).
 
     Everything else is StepModel's, in float32: the image branch, the state, and the weights explain.py
     differentiates. The graph holds the vocabulary grown by the folder's visual words (their rows after the

@@ -78,6 +78,7 @@ class WeightsFolder:
     visual_files: tuple[Path, Path] | None = None  # visual.json and visual.weights.h5, checked; None: no flag
     encoder_ir: Path | None = None  # the folder's encoder.xml (with encoder.bin), checked; None: converted from Keras
     decoder_step: Path | None = None  # the folder's decoder.onnx, checked; None: the NumPy step
+    decoder_sha256: str | None = None  # decoder.weights.h5's checksum, checked (what decoder.onnx names)
 
     @property
     def metrics(self) -> dict | None:
@@ -184,7 +185,8 @@ def read_folder(folder: str | Path, source: str | None = None, revision: str | N
     return WeightsFolder(folder, config, content.get("encoder_weights", "imagenet"), source or str(folder), revision,
                          listed(ENCODER_WEIGHTS_FILE), listed(HEAD_FILE),
                          (folder / VISUAL_SETTINGS_FILE, folder / VISUAL_WEIGHTS_FILE) if listed(VISUAL_WEIGHTS_FILE) else None,
-                         encoder_ir=listed(ENCODER_IR_FILE), decoder_step=listed(DECODER_STEP_FILE))
+                         encoder_ir=listed(ENCODER_IR_FILE), decoder_step=listed(DECODER_STEP_FILE),
+                         decoder_sha256=checksums[WEIGHTS_FILE])
 
 
 def load_vocabulary(folder: WeightsFolder) -> Vocabulary:

@@ -29,7 +29,7 @@ import numpy as np
 
 from captioner import Captioner, DecodingOptions
 from captioner.model import StepModel, new_words_digest
-from captioner.weights import BUNDLED_WEIGHTS, DECODER_STEP_FILE, WEIGHTS_FILE, add_files, read_folder, sha256
+from captioner.weights import BUNDLED_WEIGHTS, DECODER_STEP_FILE, add_files, read_folder
 from training.config import option, parse_config
 from training.prepare import DEFAULT_WORK_DIR
 
@@ -113,7 +113,7 @@ def export(config: ExportDecoderConfig) -> dict:
         finally:
             logging.disable(logging.NOTSET)
         quantized = onnx.load(int8_path)
-        onnx.helper.set_model_props(quantized, {"decoder_sha256": sha256(folder.path / WEIGHTS_FILE), "new_words": new_words})
+        onnx.helper.set_model_props(quantized, {"decoder_sha256": folder.decoder_sha256, "new_words": new_words})
         onnx.save(quantized, int8_path)
         add_files(folder.path, {DECODER_STEP_FILE: int8_path})
     report = {"settings": {k: str(v) for k, v in asdict(config).items()}, "export_seconds": round(time.time() - started, 1),
