@@ -222,10 +222,12 @@ class OpenVINOBackend(EncoderBackend):
         request = getattr(requests, "request", None)
         if request is None:
             request = requests.request = compiled.create_infer_request()
-        outputs = request.infer([np.ascontiguousarray(pixels, dtype=np.uint8)], share_inputs=True, share_outputs=True)
-        if not feature_maps:
-            return np.array(outputs[pooled])  # (copied: the request's buffers are reused by its next call)
-        return np.array(outputs[pooled]), np.array(outputs[maps])
+        # The tensor set and read directly: infer(inputs)'s argument checks cost about 0.1 ms a call (6% of it here).
+        request.set_input_tensor(import_openvino().Tensor(np.ascontiguousarray(pixels, dtype=np.uint8), shared_memory=True))
+        request.infer()
+        if not feature_maps:  # (copied: the request's buffers are reused by its next call)
+            return request.get_tensor(pooled).data.copy()
+        return request.get_tensor(pooled).data.copy(), request.get_tensor(maps).data.copy()
 
     def _cached_ir(self, build_model: Callable[[], keras.Model], folder: Path, ov) -> Path:
         """The converted model (OpenVINO IR) in `folder`, building and converting it only if no earlier process did."""
