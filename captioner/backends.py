@@ -223,7 +223,9 @@ class OpenVINOBackend(EncoderBackend):
         if request is None:
             request = requests.request = compiled.create_infer_request()
         # The tensor set and read directly: infer(inputs)'s argument checks cost about 0.1 ms a call (6% of it here).
-        request.set_input_tensor(import_openvino().Tensor(np.ascontiguousarray(pixels, dtype=np.uint8), shared_memory=True))
+        # OpenVINO shares only writeable memory; a PIL image's np.asarray is read-only, so that one is copied.
+        pixels = np.require(pixels, np.uint8, ["C_CONTIGUOUS", "WRITEABLE"])
+        request.set_input_tensor(import_openvino().Tensor(pixels, shared_memory=True))
         request.infer()
         if not feature_maps:  # (copied: the request's buffers are reused by its next call)
             return request.get_tensor(pooled).data.copy()

@@ -183,6 +183,9 @@ def test_one_images_uint8_pixels_go_through_the_folders_model_with_its_preproces
     np.testing.assert_allclose(np.concatenate([p for p, _ in one_by_one]), pooled, atol=1e-5)  # (equal here)
     np.testing.assert_allclose(np.concatenate([m for _, m in one_by_one]), maps, atol=1e-5)
     assert served.encode_pixels(pixels).shape == (len(pixels), served.config.feature_dim)  # a batch: the float path
+    read_only = pixels[:1].copy()
+    read_only.flags.writeable = False  # as np.asarray gives a PIL image's pixels
+    np.testing.assert_array_equal(served.encode_pixels(read_only), one_by_one[0][0])
 
 
 @pytest.mark.parametrize("method", ["greedy", "beam"])
