@@ -183,7 +183,8 @@ class Caption:
     # (empty for weights folders without the classifier).
     objects: list[tuple[str, float]] = dataclasses.field(default_factory=list)
     # Whether the photo is like those the model learned from, so that its caption can be trusted, and the score
-    # that says so (visual.Familiarity; below the folder's threshold: False). None: the folder can't tell.
+    # that says so (visual.Familiarity; below the folder's threshold: False, as when the caption names a thing the
+    # classifier reliably sees but doesn't see here: a dog on a photo of coffee). None: the folder can't tell.
     familiar: bool | None = None
     familiarity: float | None = None
 

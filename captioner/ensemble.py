@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .decoding import Caption, DecodingOptions, DecodingTask, Naming, mean_token_log_prob
+from .decoding import Caption, DecodingOptions, DecodingTask, Naming
 from .encoder import ENCODER_NAMES, ENCODERS
 from .explain import Explanation, caption_ids
 from .image import fit_pixels, load_image, resize_for_encoder
@@ -328,7 +328,7 @@ class Ensemble:
         # What the encoder sees, and how familiar the photo is, are the first classifier's among the members: its
         # objects, and its flag for the ensemble's caption (the bundled flag reads the features and the
         # classifier, not the caption: visual.json's sureness_weight is 0).
-        described = seer._described(seer_features, probabilities, [mean_token_log_prob(h[0]) for h in found])
+        described = seer._described(seer_features, probabilities, [h[0] for h in found])
         return [Caption.from_hypotheses(task.words, hypotheses, **extra) for hypotheses, extra in zip(found, described)]
 
     @cached_property

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .decoding import Caption, DecodingOptions, DecodingTask, Naming, mean_token_log_prob
+from .decoding import Caption, DecodingOptions, DecodingTask, Hypothesis, Naming, mean_token_log_prob
 from .encoder import BATCH_SIZE as ENCODER_BATCH_SIZE
 from .encoder import ENCODERS, ImageEncoder
 from .explain import OVERLAY_MAX_SIDE, Explanation, caption_ids, explain_caption
@@ -198,22 +198,26 @@ class Captioner:
     def _captions(self, task: DecodingTask, features: np.ndarray) -> list[Caption]:
         probabilities = self._class_probabilities(features)
         found = task.run(features, class_probabilities=probabilities)
-        described = self._described(features, probabilities, [mean_token_log_prob(h[0]) for h in found])
+        described = self._described(features, probabilities, [h[0] for h in found])
         return [Caption.from_hypotheses(task.words, hypotheses, **extra) for hypotheses, extra in zip(found, described)]
 
     def _class_probabilities(self, features: np.ndarray) -> np.ndarray | None:
         return self.head.probabilities(features) if self.head is not None and len(features) else None
 
-    def _described(self, features: np.ndarray, probabilities: np.ndarray | None, mean_log_probs: list[float]) -> list[dict]:
-        """Each image's objects and familiarity (Caption's fields), from its features and its caption's sureness."""
+    def _described(self, features: np.ndarray, probabilities: np.ndarray | None, captions: list[Hypothesis]) -> list[dict]:
+        """Each image's objects and familiarity (Caption's fields), from its features and its caption (its sureness, and
+        what it names against what the classifier sees: Familiarity.contradicted)."""
         described = [{} for _ in range(len(features))]
         if probabilities is not None:
             for extra, row in zip(described, probabilities):
                 extra["objects"] = self.head.objects(row)
         if self.familiarity is not None and probabilities is not None:
-            confidences = self._visual[1].confidence(probabilities)
-            for extra, score in zip(described, self.familiarity.scores(features, np.array(mean_log_probs), confidences)):
-                extra.update(familiar=bool(score >= self.familiarity.threshold), familiarity=round(float(score), 3))
+            familiarity, words = self._visual
+            groups = words.group_probabilities(probabilities)
+            scores = familiarity.scores(features, np.array([mean_token_log_prob(c) for c in captions]), groups.max(axis=1))
+            contradicted = familiarity.contradicted(words, groups, [c.tokens for c in captions])
+            for extra, score, against in zip(described, scores, contradicted):
+                extra.update(familiar=bool(score >= familiarity.threshold and not against), familiarity=round(float(score), 3))
         return described
 
     def explain(self, image, caption: str | None = None, options: DecodingOptions | None = None, **overrides) -> Explanation:
@@ -252,9 +256,9 @@ class Captioner:
         model = task.naming.model if task.naming else self.step_model  # (a caption may hold a word the folder added)
         explanation = explain_caption(model, task.words, features[0], maps[0], display_copy(photo, OVERLAY_MAX_SIDE),
                                       hypotheses, given)
-        # The caption's sureness as captioning measures it (a given caption's: read as one that ended).
-        sureness = mean_token_log_prob(hypotheses[0]) if hypotheses else explanation.log_prob / (len(explanation.words) + 1)
-        (extra,) = self._described(features, probabilities, [sureness])
+        # The caption as captioning measures its sureness (a given caption's: read as one that ended).
+        caption = hypotheses[0] if hypotheses else Hypothesis((*given, task.words.end_id), explanation.log_prob, explanation.log_prob)
+        (extra,) = self._described(features, probabilities, [caption])
         return dataclasses.replace(explanation, caption=dataclasses.replace(explanation.caption, **extra))
 
     def decoding_task(self, options: DecodingOptions | None = None, **overrides) -> DecodingTask:

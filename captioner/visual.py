@@ -129,6 +129,9 @@ class Familiarity:
 
     Each is standardised by its mean and deviation on the Flickr8k dev photos, and the score is their weighted sum:
     0 is a typical dev photo. Below `threshold` (chosen on dev) the caption is flagged as unfamiliar.
+
+    Whatever the score, a caption is also flagged when it names a thing the classifier reliably sees while it sees
+    none of it here ("a brown and white dog" on a photo of an espresso): `contradicted`.
     """
 
     mean: np.ndarray  # (feature_dim,) the training features' mean
@@ -141,6 +144,11 @@ class Familiarity:
     sureness_weight: float
     confidence_weight: float
     threshold: float
+    # The word groups (indices into VisualWords.groups) the classifier reliably sees: of the training photos most of
+    # whose captions name one, it gives under absent_probability to hardly any (training/visual.py). Empty (folders
+    # made before the rule): nothing is contradicted.
+    reliable_groups: tuple[int, ...] = ()
+    absent_probability: float = 0.0
 
     def nearness(self, features: np.ndarray) -> np.ndarray:
         """(n, feature_dim) -> (n,) the mean cosine similarity to the nearest training photos."""
@@ -157,6 +165,12 @@ class Familiarity:
         return (standardised(self.nearness(features), self.nearness_scale)
                 + self.sureness_weight * standardised(mean_log_probs, self.sureness_scale)
                 + self.confidence_weight * standardised(confidences, self.confidence_scale))
+
+    def contradicted(self, visual_words: VisualWords, group_probabilities: np.ndarray, captions: list) -> np.ndarray:
+        """(n, groups) probabilities (VisualWords.group_probabilities) and n captions' token ids -> (n,) whether each
+        names a reliably seen group that the classifier gives under absent_probability."""
+        return np.array([any(group_probabilities[i, g] < self.absent_probability and not set(visual_words.groups[g]).isdisjoint(tokens)
+                             for g in self.reliable_groups) for i, tokens in enumerate(captions)], bool)
 
 
 @dataclass(frozen=True)
@@ -218,7 +232,8 @@ def read_familiarity_and_words(settings_path: Path, arrays_path: Path, vocabular
                                   int(familiar["neighbours"]), tuple(familiar["nearness_scale"]),
                                   tuple(familiar["sureness_scale"]), tuple(familiar["confidence_scale"]),
                                   float(familiar["sureness_weight"]), float(familiar["confidence_weight"]),
-                                  float(familiar["threshold"]))
+                                  float(familiar["threshold"]), tuple(int(g) for g in familiar.get("reliable_groups", ())),
+                                  float(familiar.get("absent_probability", 0.0)))
         visual_words = VisualWords(tuple(tuple(ids[word] for word in group) for group in words["groups"]),
                                    np.asarray(words["class_group"], np.int64), tuple(words["new_words"]),
                                    array("words/new_embeddings"), array("words/new_output_kernel"),
