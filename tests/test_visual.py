@@ -304,11 +304,10 @@ def test_the_reliably_seen_groups_are_those_the_classifier_hardly_ever_misses_on
 def test_the_bundled_flag_marks_a_dog_where_the_classifier_sees_none(bundled):
     """coffee.jpg's classifier sees an espresso and no dog (0.3%): a caption with a dog is flagged there, though the
     photo's score is above the threshold, and the same caption is not flagged on dog.jpg."""
-    settings = json.loads((BUNDLED / VISUAL_SETTINGS_FILE).read_text())["familiarity"]
-    assert [json.loads((BUNDLED / VISUAL_SETTINGS_FILE).read_text())["words"]["groups"][g] for g in settings["reliable_groups"]] \
-        == [["dog", "dogs"]]
+    settings = json.loads((BUNDLED / VISUAL_SETTINGS_FILE).read_text())
+    assert [settings["words"]["groups"][g] for g in settings["familiarity"]["reliable_groups"]] == [["dog", "dogs"]]
     dog_on_coffee = bundled.explain(EXAMPLES / "coffee.jpg", caption="a brown dog is sitting on a table").caption
-    assert dog_on_coffee.familiar is False and dog_on_coffee.familiarity >= settings["threshold"]
+    assert dog_on_coffee.familiar is False and dog_on_coffee.familiarity >= settings["familiarity"]["threshold"]
     assert bundled.explain(EXAMPLES / "coffee.jpg", caption="a cup of coffee is on a table").caption.familiar is True
     assert bundled.explain(EXAMPLES / "dog.jpg", caption="a brown dog is sitting on a table").caption.familiar is True
 

@@ -222,7 +222,6 @@ def reliable_groups(train_group_probabilities: np.ndarray, train_captions: list[
     return chosen, why
 
 
-
 def training_summary(train_features: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """-> (mean, axes (feature_dim, PCA_DIMS), the training photos projected, unit length, float16)."""
     mean = train_features.mean(axis=0)
