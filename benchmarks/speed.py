@@ -17,7 +17,8 @@ interleaved where they share a line, so background load hits both sides alike:
                float32's ("before": the encoder converted from Keras at load, NumPy's step)
   batch        the batch command's pipeline (captioner.batch.run_local: decode workers, encoder, decoder)
                over --collection's JPEG files, images/s once running (over the second half of its batches),
-               next to the encoder alone on the same images' already decoded pixels; likewise both encoders
+               next to the encoder alone on the same images' already decoded pixels; likewise both encoders,
+               in turn, BATCH_ROUNDS times (medians)
   ray          the same job on a local Ray (captioner.batch.run_ray): images/s once running (likewise), the
                whole job's wall time (Ray's start and the actors' model loading included), same records or not
   cold start   a new process, timed from outside: interpreter, import, load, first caption; with the
@@ -46,6 +47,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 FLICKR8K_IMAGES = ROOT.parent / "shared" / "flickr8k" / "images"
+# The batch command and its "before" run in turn this many times, medians kept: one pass of each moved their ratio
+# between 1.5x and 1.8x from run to run.
+BATCH_ROUNDS = 3
 COLD_START = ("import sys; from captioner import Captioner; "
               "print(Captioner.from_pretrained(sys.argv[1]).caption(sys.argv[2]).text)")
 
@@ -183,15 +187,20 @@ def measure_batch(cap, weights: Path, paths: list[str], skip_ray: bool, before=N
             runs["before_batch"] = lambda output, clock: batch.run_local(before, paths, output, options, progress=clock)
         if not skip_ray:
             runs["ray"] = lambda output, clock: batch.run_ray(None, str(weights), None, paths, output, options, progress=clock)
-        records = {}
-        for name, run in runs.items():
-            output, clock = batch.open_output(Path(folder) / f"{name}.jsonl"), Clock()
-            wall = seconds(run, output, clock)
-            output.close()
-            records[name] = (Path(folder) / f"{name}.jsonl").read_text()
-            rate = clock.images_per_s()
-            result[f"{name}_images_per_s"] = round(rate, 2) if rate else None
-            result[f"{name}_wall_s"] = round(wall, 2)
+        records, rates, walls = {}, {name: [] for name in runs}, {name: [] for name in runs}
+        for round_ in range(BATCH_ROUNDS):
+            for name, run in runs.items():
+                if name == "ray" and round_:  # Ray's start-up dominates its wall time: once is enough
+                    continue
+                output, clock = batch.open_output(Path(folder) / f"{name}.jsonl"), Clock()
+                walls[name].append(seconds(run, output, clock))
+                output.close()
+                records[name] = (Path(folder) / f"{name}.jsonl").read_text()
+                if clock.images_per_s():
+                    rates[name].append(clock.images_per_s())
+        for name in runs:
+            result[f"{name}_images_per_s"] = round(float(np.median(rates[name])), 2) if rates[name] else None
+            result[f"{name}_wall_s"] = round(float(np.median(walls[name])), 2)
     result["batch_vs_encoder"] = round(result["batch_images_per_s"] / result["encoder_alone_images_per_s"], 3)
     if before is not None:
         result["batch_vs_before"] = round(result["batch_images_per_s"] / result["before_batch_images_per_s"], 3)
