@@ -4,11 +4,11 @@ deleted by its age.
 Gradio's own cleanup (Blocks(delete_cache=...)) deletes only the files it listed as uploaded: the parts of
 an upload that failed after they were written stay forever, and nothing bounds the total. Here:
 
-- `charge(client, n)` is called as each upload's bytes arrive (and for data: URL images stored as uploads):
-  it refuses them when the cache would pass MAX_CACHE_BYTES, or the client would have stored more than
-  MAX_CLIENT_BYTES within the last MAX_AGE_S (what it stored is deleted by then). Gradio's copies of outputs
-  (heatmaps, galleries) come into the cache uncharged, so once the count nears the bound it is checked against
-  the disk (at most every RECOUNT_EVERY_S): the disk's total, when larger, is the count.
+- `charge(client, n)` is called as each upload's bytes arrive (and for data: URL images stored as uploads): it
+  refuses them when the cache would pass UPLOAD_SHARE of MAX_CACHE_BYTES (the rest is room for outputs), or the
+  client would have stored more than MAX_CLIENT_BYTES within the last MAX_AGE_S (what it stored is deleted by then).
+  Gradio's copies of outputs (heatmaps, galleries) come into the cache uncharged, so once the count nears the bound
+  it is checked against the disk (at most every RECOUNT_EVERY_S): the disk's total, when larger, is the count.
 - `sweep()`, every SWEEP_EVERY_S in a thread (and soon after an upload fails): deletes every file older than
   MAX_AGE_S anywhere in the cache (uploads, stored images, Gradio's copies of outputs), and files at the
   cache's top level (where Gradio writes an upload's parts before moving them into place) that no request
@@ -50,6 +50,9 @@ ORPHAN_AGE_S = 10
 # the rest. A fill otherwise passed the bound by the outputs of the requests just before it (2.5 MB in a test).
 RECOUNT_FROM_SHARE = 0.75
 RECOUNT_EVERY_S = 1.0
+# Uploads may fill this share of the bound; the rest is room for the outputs Gradio writes uncharged between two
+# recounts. Without it, six clients filling the cache passed the bound by 25 KB (on a machine running two test suites).
+UPLOAD_SHARE = 0.98
 
 CACHE_FULL = "The server has no room for more uploads just now. Please try again in a few minutes."
 CLIENT_FULL = ("You have uploaded more than {mb} MB in the last hour, this server's limit per user. "
@@ -70,6 +73,7 @@ class UploadCache:
     def __init__(self, folder: Callable[[], Path], max_bytes: int = MAX_CACHE_BYTES,
                  client_bytes: int = MAX_CLIENT_BYTES, max_age_s: float = MAX_AGE_S, keep: frozenset[str] = frozenset()):
         self.folder, self.max_bytes, self.client_bytes, self.max_age_s = folder, max_bytes, client_bytes, max_age_s
+        self.upload_bytes = int(UPLOAD_SHARE * max_bytes)  # what uploads may fill (UPLOAD_SHARE)
         self.keep = frozenset(os.path.realpath(path) for path in keep)
         self._lock = threading.Lock()
         self._used = 0  # bytes on disk at the last sweep, plus bytes charged since
@@ -103,7 +107,7 @@ class UploadCache:
                 self._recounted_at = now
                 # Never lower: bytes charged may not have reached the disk yet (the sweep releases what's gone).
                 self._used = max(self._used, disk_bytes(self.folder()))
-            if self._used + count > self.max_bytes:
+            if self._used + count > self.upload_bytes:
                 self._wake.set()  # a sweep may find room (orphans, old files) for the next request
                 raise CacheFull(CACHE_FULL, 503)
             self._used += count
