@@ -6,7 +6,8 @@ What an event does is `webapp.handlers.CaptionPage`'s; all captioning logic live
 With no flags it loads what `Captioner.from_pretrained()` finds ($CAPTIONER_REPO, else the bundled
 weights/), and Gradio reads GRADIO_SERVER_NAME / GRADIO_SERVER_PORT itself (Hugging Face Spaces sets
 them). Without trained weights the page still opens and says how to get them. Beside that default, the
-page offers the bundled ResNet50 and the ensemble of the two, loaded when first chosen (webapp/models.py).
+page offers the bundled ResNet50, the ensemble of the two and the ensemble of Lite0 and Lite1, loaded when
+first chosen (webapp/models.py).
 
 Robustness notes:
 * The caption events run with `preprocess=False`, so the handlers receive Gradio's raw payload, and

@@ -142,18 +142,26 @@ def test_the_caption_word_by_word_and_where_each_word_came_from(page, problems, 
 
 
 def test_the_model_menu(page, problems, example_images):
-    """The menu above the tabs: the default first and chosen; ResNet50 and the ensemble load when first chosen, or,
-    where this machine can't load them (no TensorFlow, no ResNet50 weights), the page says what to install."""
+    """The menu above the tabs: the default first and chosen; the others load when first chosen: the Lite0 + Lite1
+    ensemble anywhere (no TensorFlow needed), ResNet50 and its ensemble where this machine can (else, without
+    TensorFlow or ResNet50's weights, the page says what to install)."""
     menu, status = page.locator("#model input"), page.locator("#model-status")
     expect(menu).to_have_value(re.compile(r"^MobileNetV2 \(default\)"))
     expect(status).to_contain_text("MobileNetV2 (default)")
     menu.click()
-    expect(page.get_by_role("option")).to_have_count(3)
-    page.get_by_role("option", name=re.compile(r"^ResNet50")).click()
-    expect(status).to_contain_text("The reference recipe")
+    expect(page.get_by_role("option")).to_have_count(4)
+    page.get_by_role("option", name=re.compile(r"^Lite0 \+ Lite1 ensemble")).click()
+    expect(status).to_contain_text("without TensorFlow")
     caption_upload(page, example_images[1])
     facts, toast = page.locator("#facts"), page.locator("[data-testid=toast-body].error")
-    expect(facts.filter(has_text="this caption took").or_(toast)).to_be_visible(**WAIT)
+    expect(facts).to_contain_text("Lite0 + Lite1 ensemble \u00b7 Encoders", **WAIT)
+    expect(page.locator("#seen")).to_contain_text("The image classifier sees:")  # Lite0's classifier
+
+    menu.click()
+    page.get_by_role("option", name=re.compile(r"^ResNet50")).click()
+    expect(status).to_contain_text("The reference recipe")
+    one_photo(page).get_by_role("button", name="Caption this photo").click()
+    expect(facts.filter(has_text="ResNet50 \u00b7").or_(toast)).to_be_visible(**WAIT)  # (not the facts still shown)
     if toast.is_visible():
         expect(toast).to_contain_text("ResNet50 can't be loaded on this server")
         expect(toast).to_contain_text("pip install -r training/requirements.txt")
@@ -166,7 +174,7 @@ def test_the_model_menu(page, problems, example_images):
     expect(page.locator("#heat-note")).to_contain_text("Where the model looked for")
 
     menu.click()
-    page.get_by_role("option", name=re.compile(r"ensemble")).click()
+    page.get_by_role("option", name=re.compile(r"^Lite0 \+ ResNet50 ensemble")).click()
     expect(status).to_contain_text("choosing each word together")
     one_photo(page).get_by_role("button", name="Caption this photo").click()
     expect(facts).to_contain_text("Lite0 + ResNet50 ensemble \u00b7 Encoders", **WAIT)

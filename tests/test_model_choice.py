@@ -27,7 +27,8 @@ from captioner.image import MAX_FILE_BYTES
 from tests.conftest import ROOT, make_weights_folder
 from webapp import middleware, uploads
 from webapp.handlers import CaptionPage
-from webapp.models import BUNDLED_ENSEMBLE, RESNET50_FIX, ModelChoice, ModelChoices, ModelUnavailable, bundled_choices
+from webapp.models import (BUNDLED_ENSEMBLE, BUNDLED_LITE1_ENSEMBLE, RESNET50_FIX, ModelChoice, ModelChoices, ModelUnavailable,
+                           bundled_choices)
 
 SECOND_REQUEST_WAIT_S = 30  # how long the slow model's load waits for a second request to choose it too
 
@@ -288,17 +289,21 @@ def test_the_bundled_models(bundled_page, example_images):
     (upload_dir / "0").mkdir(exist_ok=True)
     upload = {"path": str((upload_dir / "0" / photo.name).resolve()), "orig_name": photo.name}
     Path(upload["path"]).write_bytes(photo.read_bytes())
-    metrics = {name: json.loads((ROOT / "weights" / name / "metrics.json").read_text()) for name in ("", "resnet50", "ensemble")}
+    folders = ("", "resnet50", "ensemble", "ensemble-lite1")
+    metrics = {name: json.loads((ROOT / "weights" / name / "metrics.json").read_text()) for name in folders}
     cider = {name: f"{m['results'][m['best']]['CIDEr']:.3f}" for name, m in metrics.items()}  # the folders' own evaluations
     assert [label for label, _ in page.models.menu()] == [
         f"EfficientNet-Lite0 (default) \u00b7 test CIDEr {cider['']}", f"ResNet50 \u00b7 test CIDEr {cider['resnet50']}",
-        f"Lite0 + ResNet50 ensemble \u00b7 test CIDEr {cider['ensemble']}"]
+        f"Lite0 + ResNet50 ensemble \u00b7 test CIDEr {cider['ensemble']}",
+        f"Lite0 + Lite1 ensemble \u00b7 test CIDEr {cider['ensemble-lite1']}"]
     lite0, resnet50 = page.models.get(None)[1], page.models.get("resnet50")[1]
     assert page.models.choices["resnet50"].is_loaded and not page.models.choices["ensemble"].is_loaded
-    ensemble = page.models.get("ensemble")[1]
+    ensemble, with_lite1 = page.models.get("ensemble")[1], page.models.get("ensemble-lite1")[1]
     assert ensemble.members[0] is lite0 and ensemble.members[1] is resnet50  # shared, not loaded again
+    assert with_lite1.members[0] is lite0 and with_lite1.members[1].config.encoder == "efficientnet_lite1"
     for name, model, expected in [("resnet50", resnet50, resnet50.caption(photo)),
-                                  ("ensemble", ensemble, ensemble.caption(photo))]:
+                                  ("ensemble", ensemble, ensemble.caption(photo)),
+                                  ("ensemble-lite1", with_lite1, with_lite1.caption(photo))]:
         text, rows, facts, seen = page.caption(upload, model=name)
         assert text == expected.text and rows[0][1] == text
         label = page.models.choices[name].label
@@ -328,6 +333,20 @@ def test_the_bundled_ensemble_is_a_folder_with_its_test_scores():
     assert (BUNDLED_ENSEMBLE / "metrics.md").is_file()
 
 
+def test_the_bundled_lite1_ensemble_is_a_folder_with_its_test_scores():
+    """The Lite0 + Lite1 ensemble: the bundled Lite0 and weights/lite1/ (its encoder an int8 OpenVINO model, as
+    Lite0's), equal weights chosen on dev, and its test scores from training.evaluate_ensemble."""
+    if not (BUNDLED_LITE1_ENSEMBLE / "ensemble.json").is_file():
+        pytest.skip("no weights/ensemble-lite1/ in this checkout")
+    folder = read_ensemble_folder(BUNDLED_LITE1_ENSEMBLE)
+    assert [path.resolve() for path in folder.members] == [(ROOT / "weights").resolve(), (ROOT / "weights" / "lite1").resolve()]
+    assert "dev CIDEr" in folder.chosen_on and "0.5,0.5 best" in folder.chosen_on
+    assert (ROOT / "weights" / "lite1" / "encoder.xml").is_file()
+    metrics = json.loads((BUNDLED_LITE1_ENSEMBLE / "metrics.json").read_text())
+    assert metrics["split"] == "test" and metrics["images"] == 1000
+    assert metrics["ensemble"]["weights"] == pytest.approx(ensemble_weights(folder.weights, len(folder.members)))
+
+
 NO_TENSORFLOW = """
 import sys
 sys.modules["tensorflow"] = sys.modules["keras"] = None  # as if neither were installed
@@ -336,27 +355,30 @@ from webapp.models import ModelChoices, ModelUnavailable, bundled_choices
 default = Captioner.from_pretrained(None)
 models = ModelChoices(default, bundled_choices(default))
 print(" | ".join(label for label, _ in models.menu()))  # before anyone chose them
-for name in ("resnet50", "ensemble", "resnet50"):
+for name in ("resnet50", "ensemble", "resnet50", "ensemble-lite1"):
     try:
         models.get(name)
         print("loaded", name)
     except ModelUnavailable as exc:
         print(exc)
 print(models.get(None)[1].caption("examples/dog.jpg").text)
+print(models.get("ensemble-lite1")[1].caption("examples/dog.jpg").text)
 """
 
 
 def test_resnet50_without_tensorflow_says_what_to_install(tmp_path):
     """The bundled ResNet50 on a server without TensorFlow, nothing cached (its OpenVINO model, its converted
-    ImageNet weights): marked in the menu from the start, the sentence when chosen, and the default still captions."""
+    ImageNet weights): marked in the menu from the start, the sentence when chosen, and the default and the Lite0 +
+    Lite1 ensemble (both encoders int8 OpenVINO models in their folders) still caption."""
     env = {**os.environ, "CAPTIONER_CACHE": str(tmp_path / "cache"), "XDG_CACHE_HOME": str(tmp_path / "xdg"),
            "KERAS_HOME": str(tmp_path / "keras")}
     result = subprocess.run([sys.executable, "-c", NO_TENSORFLOW], cwd=ROOT, env=env, capture_output=True, text=True,
                             timeout=300, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
-    menu, resnet50, ensemble, again, caption = result.stdout.strip().splitlines()[-5:]
+    menu, resnet50, ensemble, again, lite1, caption, lite1_caption = result.stdout.strip().splitlines()[-7:]
     # Known without trying (no TensorFlow, nothing cached): the menu marks them from the start.
-    assert [label.endswith("(can't be loaded here)") for label in menu.split(" | ")] == [False, True, True]
+    assert [label.endswith("(can't be loaded here)") for label in menu.split(" | ")] == [False, True, True, False]
+    assert lite1 == "loaded ensemble-lite1" and lite1_caption.strip()
     assert resnet50 == again == f"ResNet50 can't be loaded on this server: its encoder needs TensorFlow, which isn't installed here. {RESNET50_FIX}"
     assert ensemble == f"The Lite0 + ResNet50 ensemble needs ResNet50. {resnet50}"
     assert len(ensemble) <= uploads.MAX_MESSAGE_CHARS  # shown whole

@@ -41,6 +41,10 @@ BUNDLED_RESNET50 = BUNDLED_WEIGHTS / "resnet50"
 # The ensemble of the two: its ensemble.json names them and their weights (chosen on dev), its metrics.json has
 # its test scores (training.evaluate_ensemble writes both).
 BUNDLED_ENSEMBLE = BUNDLED_WEIGHTS / "ensemble"
+# Lite0 with an EfficientNet-Lite1 run (weights/lite1/, an int8 IR like Lite0's): an ensemble that scores as the one
+# above and needs no TensorFlow, so a Space (requirements.txt) runs it too.
+LITE1_ENSEMBLE = "ensemble-lite1"
+BUNDLED_LITE1_ENSEMBLE = BUNDLED_WEIGHTS / "ensemble-lite1"
 
 # What a user is told to do when ResNet50 can't be loaded (a failure's sentence is at most uploads.MAX_MESSAGE_CHARS).
 RESNET50_FIX = (
@@ -59,6 +63,12 @@ ENSEMBLE_ABOUT = (
     "EfficientNet-Lite0 and ResNet50 choosing each word together (weights {weights}): the best scores, and both "
     "encoders run, so each caption takes longer. What the image classifier sees, the words the caption names and the "
     "unfamiliar-photo flag are Lite0's. Word by word, the page shows Lite0's view of the ensemble's caption."
+)
+LITE1_ENSEMBLE_ABOUT = (
+    "EfficientNet-Lite0 and EfficientNet-Lite1 choosing each word together (weights {weights}): scores like the "
+    "ResNet50 ensemble's without TensorFlow, and both encoders run, so each caption takes longer. What the image "
+    "classifier sees, the words the caption names and the unfamiliar-photo flag are Lite0's. Word by word, the page "
+    "shows Lite0's view of the ensemble's caption."
 )
 
 
@@ -231,8 +241,13 @@ def read_metrics(folder: Path) -> dict | None:
 
 
 def bundled_choices(default: Captioner) -> list[ModelChoice]:
-    """The bundled models beside the default: ResNet50, where the checkout has weights/resnet50/ (a trimmed copy may
-    not), and the ensemble of Lite0 and ResNet50, where it also has weights/ensemble/."""
+    """The bundled models beside the default, each where the checkout has its folder (a trimmed copy may not):
+    ResNet50 (weights/resnet50/), the ensemble of Lite0 and ResNet50 (weights/ensemble/) and the ensemble of Lite0 and
+    Lite1 (weights/ensemble-lite1/)."""
+    return [*_resnet50_choices(default), *_lite1_ensemble_choice(default)]
+
+
+def _resnet50_choices(default: Captioner) -> list[ModelChoice]:
     if not (BUNDLED_RESNET50 / "config.json").is_file():
         return []
     # Without TensorFlow (what requirements.txt installs) ResNet50 can't be built, unless its OpenVINO model was cached
@@ -243,7 +258,8 @@ def bundled_choices(default: Captioner) -> list[ModelChoice]:
         lambda: Captioner.from_folder(read_folder(BUNDLED_RESNET50, source="bundled weights/resnet50/")),
         read_metrics(BUNDLED_RESNET50), RESNET50_ABOUT, RESNET50_FIX, unavailable,
     )
-    if not is_ensemble_folder(BUNDLED_ENSEMBLE):
+    weights = weights_line(BUNDLED_ENSEMBLE)
+    if weights is None:
         return [resnet50]
 
     def ensemble() -> Ensemble:
@@ -252,11 +268,30 @@ def bundled_choices(default: Captioner) -> list[ModelChoice]:
         loaded = {BUNDLED_RESNET50: resnet50.model()} | ({BUNDLED_WEIGHTS: default} if is_bundled(default) else {})
         return Ensemble.from_folder(BUNDLED_ENSEMBLE, members=loaded)
 
-    try:
-        weights = " / ".join(f"{w:g}" for w in read_ensemble_folder(BUNDLED_ENSEMBLE).weights)
-    except WeightsError as exc:  # a damaged ensemble.json: the page offers the others
-        log.warning("The bundled ensemble isn't offered: %s", exc)
-        return [resnet50]
     label = "Lite0 + ResNet50 ensemble"
     return [resnet50, ModelChoice(ENSEMBLE, label, ensemble, read_metrics(BUNDLED_ENSEMBLE), ENSEMBLE_ABOUT.format(weights=weights),
                                   RESNET50_FIX, unavailable and needs_member(label, "ResNet50", unavailable))]
+
+
+def _lite1_ensemble_choice(default: Captioner) -> list[ModelChoice]:
+    weights = weights_line(BUNDLED_LITE1_ENSEMBLE)
+    if weights is None:
+        return []
+
+    def ensemble() -> Ensemble:  # shares the default when it is the bundled Lite0, as the ResNet50 ensemble does
+        return Ensemble.from_folder(BUNDLED_LITE1_ENSEMBLE, members={BUNDLED_WEIGHTS: default} if is_bundled(default) else {})
+
+    return [ModelChoice(LITE1_ENSEMBLE, "Lite0 + Lite1 ensemble", ensemble, read_metrics(BUNDLED_LITE1_ENSEMBLE),
+                        LITE1_ENSEMBLE_ABOUT.format(weights=weights))]
+
+
+def weights_line(folder: Path) -> str | None:
+    """A bundled ensemble's weights for its line ("0.6 / 0.4"); None where the checkout lacks the folder, or its
+    ensemble.json is damaged (logged): the page then offers the others."""
+    if not is_ensemble_folder(folder):
+        return None
+    try:
+        return " / ".join(f"{w:g}" for w in read_ensemble_folder(folder).weights)
+    except WeightsError as exc:
+        log.warning("The bundled ensemble in %s isn't offered: %s", folder.name, exc)
+        return None
