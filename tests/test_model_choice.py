@@ -308,6 +308,7 @@ def test_the_bundled_models(bundled_page, example_images):
         assert text == expected.text and rows[0][1] == text
         label = page.models.choices[name].label
         assert facts.startswith(f"**{label}** \u00b7 ") and "CIDEr" in facts
+        assert "bundled weights/" in facts and str(ROOT) not in facts  # the folders named, not the server's paths
     # ResNet50 has no classifier; the ensemble shows Lite0's, and Lite0's flag (it reads the photo, not the caption).
     assert page.caption(upload, model="resnet50")[3] == {"objects": [], "familiar": None, "familiarity": None}
     seen, alone = page.caption(upload, model="ensemble")[3], page.caption(upload)[3]

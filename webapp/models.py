@@ -44,6 +44,7 @@ BUNDLED_ENSEMBLE = BUNDLED_WEIGHTS / "ensemble"
 # Lite0 with an EfficientNet-Lite1 run (weights/lite1/, an int8 IR like Lite0's): an ensemble that scores as the one
 # above and needs no TensorFlow, so a Space (requirements.txt) runs it too.
 LITE1_ENSEMBLE = "ensemble-lite1"
+BUNDLED_LITE1 = BUNDLED_WEIGHTS / "lite1"
 BUNDLED_LITE1_ENSEMBLE = BUNDLED_WEIGHTS / "ensemble-lite1"
 
 # What a user is told to do when ResNet50 can't be loaded (a failure's sentence is at most uploads.MAX_MESSAGE_CHARS).
@@ -278,8 +279,12 @@ def _lite1_ensemble_choice(default: Captioner) -> list[ModelChoice]:
     if weights is None:
         return []
 
-    def ensemble() -> Ensemble:  # shares the default when it is the bundled Lite0, as the ResNet50 ensemble does
-        return Ensemble.from_folder(BUNDLED_LITE1_ENSEMBLE, members={BUNDLED_WEIGHTS: default} if is_bundled(default) else {})
+    def ensemble() -> Ensemble:
+        # Lite1 named as the page names the bundled folders (not by the server's path); the default shared when it is
+        # the bundled Lite0, as the ResNet50 ensemble shares it.
+        lite1 = Captioner.from_folder(read_folder(BUNDLED_LITE1, source="bundled weights/lite1/"))
+        shared = {BUNDLED_LITE1: lite1} | ({BUNDLED_WEIGHTS: default} if is_bundled(default) else {})
+        return Ensemble.from_folder(BUNDLED_LITE1_ENSEMBLE, members=shared)
 
     return [ModelChoice(LITE1_ENSEMBLE, "Lite0 + Lite1 ensemble", ensemble, read_metrics(BUNDLED_LITE1_ENSEMBLE),
                         LITE1_ENSEMBLE_ABOUT.format(weights=weights))]
