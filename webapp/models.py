@@ -7,10 +7,11 @@ by the name a request gives (webapp/handlers.py).
     models.menu()                             # the dropdown's (label, name) pairs, the default first
 
 The bundled choices: the default (what the app loaded: the bundled EfficientNet-Lite0 unless told otherwise), the
-bundled ResNet50 (weights/resnet50/, the reference recipe) and the ensemble of the two (weights/ensemble/, loaded as a
-captioner.Ensemble, which the handlers use as they use a Captioner). A model that can't be loaded here (ResNet50 without TensorFlow, or
-without its ImageNet weights and no internet) is answered with a sentence that says what to install or run, and the
-other models keep working.
+bundled ResNet50 (weights/resnet50/, the reference recipe), the ensemble of the two (weights/ensemble/, loaded as a
+captioner.Ensemble, which the handlers use as they use a Captioner) and the ensemble of Lite0 and an
+EfficientNet-Lite1 run (weights/ensemble-lite1/ and weights/lite1/), which needs no TensorFlow. A model that can't be
+loaded here (ResNet50 without TensorFlow, or without its ImageNet weights and no internet) is answered with a
+sentence that says what to install or run, and the other models keep working.
 """
 
 from __future__ import annotations
