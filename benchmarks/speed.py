@@ -196,8 +196,8 @@ def measure_batch(cap, weights: Path, paths: list[str], skip_ray: bool, before=N
                 walls[name].append(seconds(run, output, clock))
                 output.close()
                 records[name] = (Path(folder) / f"{name}.jsonl").read_text()
-                if clock.images_per_s():
-                    rates[name].append(clock.images_per_s())
+                if rate := clock.images_per_s():
+                    rates[name].append(rate)
         for name in runs:
             result[f"{name}_images_per_s"] = round(float(np.median(rates[name])), 2) if rates[name] else None
             result[f"{name}_wall_s"] = round(float(np.median(walls[name])), 2)

@@ -214,7 +214,8 @@ class Captioner:
         if self.familiarity is not None and probabilities is not None:
             familiarity, words = self._visual
             groups = words.group_probabilities(probabilities)
-            scores = familiarity.scores(features, np.array([mean_token_log_prob(c) for c in captions]), groups.max(axis=1))
+            confidences = groups.max(axis=1)  # (VisualWords.confidence, from the groups computed once)
+            scores = familiarity.scores(features, np.array([mean_token_log_prob(c) for c in captions]), confidences)
             contradicted = familiarity.contradicted(words, groups, [c.tokens for c in captions])
             for extra, score, against in zip(described, scores, contradicted):
                 extra.update(familiar=bool(score >= familiarity.threshold and not against), familiarity=round(float(score), 3))

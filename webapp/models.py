@@ -266,9 +266,8 @@ def _resnet50_choices(default: Captioner) -> list[ModelChoice]:
 
     def ensemble() -> Ensemble:
         # Its members are shared with the other choices: ResNet50's (loaded here if it isn't yet), and the default
-        # when it is the bundled Lite0 (else the ensemble loads its own Lite0 from weights/).
-        loaded = {BUNDLED_RESNET50: resnet50.model()} | ({BUNDLED_WEIGHTS: default} if is_bundled(default) else {})
-        return Ensemble.from_folder(BUNDLED_ENSEMBLE, members=loaded)
+        # when it is the bundled Lite0 (shared_lite0).
+        return Ensemble.from_folder(BUNDLED_ENSEMBLE, members={BUNDLED_RESNET50: resnet50.model()} | shared_lite0(default))
 
     label = "Lite0 + ResNet50 ensemble"
     return [resnet50, ModelChoice(ENSEMBLE, label, ensemble, read_metrics(BUNDLED_ENSEMBLE), ENSEMBLE_ABOUT.format(weights=weights),
@@ -281,14 +280,18 @@ def _lite1_ensemble_choice(default: Captioner) -> list[ModelChoice]:
         return []
 
     def ensemble() -> Ensemble:
-        # Lite1 named as the page names the bundled folders (not by the server's path); the default shared when it is
-        # the bundled Lite0, as the ResNet50 ensemble shares it.
+        # Lite1 named as the page names the bundled folders (not by the server's path); the default shared_lite0.
         lite1 = Captioner.from_folder(read_folder(BUNDLED_LITE1, source="bundled weights/lite1/"))
-        shared = {BUNDLED_LITE1: lite1} | ({BUNDLED_WEIGHTS: default} if is_bundled(default) else {})
-        return Ensemble.from_folder(BUNDLED_LITE1_ENSEMBLE, members=shared)
+        return Ensemble.from_folder(BUNDLED_LITE1_ENSEMBLE, members={BUNDLED_LITE1: lite1} | shared_lite0(default))
 
     return [ModelChoice(LITE1_ENSEMBLE, "Lite0 + Lite1 ensemble", ensemble, read_metrics(BUNDLED_LITE1_ENSEMBLE),
                         LITE1_ENSEMBLE_ABOUT.format(weights=weights))]
+
+
+def shared_lite0(default: Captioner) -> dict[Path, Captioner]:
+    """The bundled ensembles' Lite0 member, by its folder: the default when it is the bundled Lite0 (not loaded twice);
+    empty otherwise, and the ensemble loads its own from weights/."""
+    return {BUNDLED_WEIGHTS: default} if is_bundled(default) else {}
 
 
 def weights_line(folder: Path) -> str | None:
