@@ -5,9 +5,10 @@ What an event does is `webapp.handlers.CaptionPage`'s; all captioning logic live
 
 With no flags it loads what `Captioner.from_pretrained()` finds ($CAPTIONER_REPO, else the bundled
 weights/), and Gradio reads GRADIO_SERVER_NAME / GRADIO_SERVER_PORT itself (Hugging Face Spaces sets
-them). Without trained weights the page still opens and says how to get them. Beside that default, the
-page offers the bundled ResNet50, the ensemble of the two and the ensemble of Lite0 and Lite1, loaded when
-first chosen (webapp/models.py).
+them). Without trained weights the page still opens and says how to get them. On the bundled weights the
+page's default is the ensemble of the bundled EfficientNet-Lite0 and EfficientNet-Lite1 (loaded at start),
+and it offers Lite0 alone, the bundled ResNet50 and the ensemble of Lite0 and ResNet50, loaded when first
+chosen (webapp/models.py); started with other weights, those are the default, the bundled models beside them.
 
 Robustness notes:
 * The caption events run with `preprocess=False`, so the handlers receive Gradio's raw payload, and
@@ -44,7 +45,7 @@ from captioner.decoding import (
 from captioner.image import IMAGE_SUFFIXES, MAX_FILE_BYTES
 from webapp import middleware, traffic
 from webapp.handlers import BATCH_HEADERS, CANDIDATE_HEADERS, MAX_BATCH_FILES, METHOD_CHOICES, NOT_LOADED, CaptionPage
-from webapp.models import DEFAULT, ModelChoice, bundled_choices
+from webapp.models import ModelChoice, bundled_choices
 
 log = logging.getLogger("app")
 
@@ -178,8 +179,9 @@ def decoding_settings(default_max_length: int) -> dict:
 
 def build_demo(captioner: Captioner | None, unavailable_reason: str | None = None,
                more_models: list[ModelChoice] | None = None) -> gr.Blocks:
-    """The Blocks app around `captioner`, the default model, and `more_models` to choose from (None: the bundled
-    ResNet50 and ensemble); with no captioner, a page explaining `unavailable_reason`."""
+    """The Blocks app around `captioner`, the model the app started with, and `more_models` to choose from (None: the
+    bundled ones; webapp.models.page_models chooses the default); with no captioner, a page explaining
+    `unavailable_reason`."""
     if more_models is None:
         more_models = bundled_choices(captioner) if captioner is not None else []
     page = CaptionPage(captioner, example_images(), unavailable_reason, more_models=more_models)
@@ -221,7 +223,8 @@ def model_choice(page: CaptionPage) -> tuple[gr.Dropdown, gr.Markdown]:
     choices = page.models.menu() if page.models is not None else []
     with gr.Row(equal_height=False, visible=len(choices) > 1):
         model = gr.Dropdown(
-            choices, value=DEFAULT if choices else None, label="Model", elem_id="model", scale=1, filterable=False,
+            choices, value=page.models.default.name if choices else None, label="Model", elem_id="model", scale=1,
+            filterable=False,
             info="Test CIDEr: each model's score on Flickr8k's test photos (higher is better). The default is "
                  "loaded; the others load when first chosen (a few seconds).",
         )

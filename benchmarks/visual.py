@@ -6,7 +6,9 @@ Scores the app's decoding with and without name_objects (CIDEr, BLEU-4) on the F
 photos and captions as `python -m training.prepare` lists them in the work dir) and on coco-dev's photos, and the
 flag of the recommended decoding's captions: the share of photos flagged and the mean per-image CIDEr of the
 flagged and the unflagged ones. Features come from the folder's serving encoder, as the app computes them (cached
-in <work-dir>/visual/). Writes the figures to --json (default: benchmarks/results/visual.json).
+in <work-dir>/visual/). --weights may be an ensemble's folder (weights/ensemble-lite1, the page's default): each
+member's features from its own serving encoder. Writes the figures to --json (default:
+benchmarks/results/visual.json).
 """
 
 from __future__ import annotations
@@ -17,9 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
-from captioner import Captioner, DecodingOptions
+from captioner import Captioner, DecodingOptions, Ensemble
+from captioner.ensemble import is_ensemble_folder
 from captioner.weights import BUNDLED_WEIGHTS
-from training.visual import SHARED, read_captions_tsv, scored, served_features
+from training.evaluate import coco_scores
+from training.visual import SHARED, read_captions_tsv, served_features
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -32,28 +36,37 @@ def main(argv=None) -> int:
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "visual.json")
     args = parser.parse_args(argv)
 
-    captioner = Captioner.from_pretrained(args.weights)
+    model = Ensemble.from_folder(args.weights) if is_ensemble_folder(args.weights) else Captioner.from_pretrained(args.weights)
+    members = model.members if isinstance(model, Ensemble) else [model]
     dataset = json.loads((args.work_dir / "dataset.json").read_text())
     images, cache, sets = Path(dataset["dataset"]["images_folder"]), args.work_dir / "visual", {}
+
+    def features(paths: list[Path], name: str):
+        """The photos' features as the app computes them: each member's from its own serving encoder."""
+        each = [served_features(member, paths, cache / (name if number == 0 else f"{name}_{member.config.encoder}"))
+                for number, member in enumerate(members)]
+        return each if isinstance(model, Ensemble) else each[0]
+
     for split in ("dev", "test"):
         names = [name for name in dataset["splits"][split] if (images / name).is_file()]
-        sets[f"flickr8k_{split}"] = (served_features(captioner, [images / n for n in names], cache / f"flickr8k_{split}"),
+        sets[f"flickr8k_{split}"] = (features([images / n for n in names], f"flickr8k_{split}"),
                                      names, {n: dataset["splits"][split][n] for n in names})
     references = read_captions_tsv(args.coco_dev / "captions.tsv")
     names = sorted(references)
-    sets["coco_dev"] = (served_features(captioner, [args.coco_dev / "images" / n for n in names], cache / "coco_dev"),
-                        names, references)
+    sets["coco_dev"] = (features([args.coco_dev / "images" / n for n in names], "coco_dev"), names, references)
 
     recommended = DecodingOptions()
-    report = {"recommended_decoding": {k: v for k, v in vars(recommended).items()}}
+    report = {"weights": str(args.weights), "recommended_decoding": {k: v for k, v in vars(recommended).items()}}
     for name, (features, names, references) in sets.items():
         row = {}
-        for label, words in (("plain", None), ("name_objects", captioner.naming.visual_words)):
-            result = scored(captioner, words, features, names, references)
-            row[label] = {"CIDEr": result["CIDEr"], "BLEU-4": result["BLEU-4"]}
-            if (label == "name_objects") == recommended.name_objects:
-                familiar = np.array([c.familiar for c in captioner.caption_features(features)])
-                per_image = result["per_image"]
+        for label, naming in (("plain", False), ("name_objects", True)):
+            captions = model.caption_features(features, name_objects=naming)
+            hypotheses = {n: c.text for n, c in zip(names, captions)}
+            scores = coco_scores(references, hypotheses)
+            row[label] = {"CIDEr": round(scores["CIDEr"], 4), "BLEU-4": round(scores["BLEU-4"], 4)}
+            if naming == recommended.name_objects:
+                familiar = np.array([c.familiar for c in captions])
+                per_image = per_image_cider(references, hypotheses, names)
                 row["flag"] = {"photos": len(names), "flagged": round(float((~familiar).mean()), 3),
                                "flagged_cider": round(float(per_image[~familiar].mean()), 3) if (~familiar).any() else None,
                                "unflagged_cider": round(float(per_image[familiar].mean()), 3)}
@@ -65,6 +78,19 @@ def main(argv=None) -> int:
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=1, default=str) + "\n")
     return 0
+
+
+def per_image_cider(references: dict[str, list[str]], hypotheses: dict[str, str], names: list[str]) -> np.ndarray:
+    """Each photo's CIDEr (pycocoevalcap's, over these photos' references), in the order of `names`."""
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    tokenizer = PTBTokenizer()
+    refs = tokenizer.tokenize({n: [{"caption": c} for c in references[n]] for n in names})
+    hyps = tokenizer.tokenize({n: [{"caption": hypotheses[n]}] for n in names})
+    _, per_image = Cider().compute_score(refs, hyps)
+    order = {name: index for index, name in enumerate(refs)}
+    return np.asarray(per_image, np.float64)[[order[n] for n in names]]
 
 
 if __name__ == "__main__":

@@ -268,7 +268,8 @@ def test_a_failed_load_is_a_sentence_not_a_crash(tiny_captioner):
 
 @pytest.fixture(scope="module")
 def bundled_page(example_images, tmp_path_factory, resnet50_imagenet):
-    """The page as `python app.py` builds it: the bundled Lite0 and, to choose, ResNet50 and the ensemble."""
+    """The page as `python app.py` builds it: the bundled Lite0 + Lite1 ensemble the default and, to choose, Lite0
+    alone, ResNet50 and the Lite0 + ResNet50 ensemble."""
     lite0 = Captioner.from_pretrained(None)
     lite0.warmup()
     upload_dir = tmp_path_factory.mktemp("bundled-uploads")
@@ -292,16 +293,23 @@ def test_the_bundled_models(bundled_page, example_images):
     folders = ("", "resnet50", "ensemble", "ensemble-lite1")
     metrics = {name: json.loads((ROOT / "weights" / name / "metrics.json").read_text()) for name in folders}
     cider = {name: f"{m['results'][m['best']]['CIDEr']:.3f}" for name, m in metrics.items()}  # the folders' own evaluations
-    assert [label for label, _ in page.models.menu()] == [
-        f"EfficientNet-Lite0 (default) \u00b7 test CIDEr {cider['']}", f"ResNet50 \u00b7 test CIDEr {cider['resnet50']}",
-        f"Lite0 + ResNet50 ensemble \u00b7 test CIDEr {cider['ensemble']}",
-        f"Lite0 + Lite1 ensemble \u00b7 test CIDEr {cider['ensemble-lite1']}"]
-    lite0, resnet50 = page.models.get(None)[1], page.models.get("resnet50")[1]
+    # The default first: the ensemble of Lite0 and Lite1, the best on dev that needs no TensorFlow (issue 20).
+    assert page.models.menu() == [
+        (f"Lite0 + Lite1 ensemble (default) \u00b7 test CIDEr {cider['ensemble-lite1']}", "ensemble-lite1"),
+        (f"EfficientNet-Lite0 \u00b7 test CIDEr {cider['']}", "lite0"),
+        (f"ResNet50 \u00b7 test CIDEr {cider['resnet50']}", "resnet50"),
+        (f"Lite0 + ResNet50 ensemble \u00b7 test CIDEr {cider['ensemble']}", "ensemble")]
+    with_lite1, lite0 = page.models.get(None)[1], page.models.get("lite0")[1]
+    assert page.models.get("default")[1] is page.models.get("ensemble-lite1")[1] is with_lite1
+    assert page.models.default.is_loaded  # at start, not by the first visitor
+    resnet50 = page.models.get("resnet50")[1]
     assert page.models.choices["resnet50"].is_loaded and not page.models.choices["ensemble"].is_loaded
-    ensemble, with_lite1 = page.models.get("ensemble")[1], page.models.get("ensemble-lite1")[1]
+    ensemble = page.models.get("ensemble")[1]
     assert ensemble.members[0] is lite0 and ensemble.members[1] is resnet50  # shared, not loaded again
     assert with_lite1.members[0] is lite0 and with_lite1.members[1].config.encoder == "efficientnet_lite1"
-    for name, model, expected in [("resnet50", resnet50, resnet50.caption(photo)),
+    assert page.caption(upload)[0] == with_lite1.caption(photo).text
+    for name, model, expected in [("lite0", lite0, lite0.caption(photo)),
+                                  ("resnet50", resnet50, resnet50.caption(photo)),
                                   ("ensemble", ensemble, ensemble.caption(photo)),
                                   ("ensemble-lite1", with_lite1, with_lite1.caption(photo))]:
         text, rows, facts, seen = page.caption(upload, model=name)
@@ -311,7 +319,7 @@ def test_the_bundled_models(bundled_page, example_images):
         assert "bundled weights/" in facts and str(ROOT) not in facts  # the folders named, not the server's paths
     # ResNet50 has no classifier; the ensemble shows Lite0's, and Lite0's flag (it reads the photo, not the caption).
     assert page.caption(upload, model="resnet50")[3] == {"objects": [], "familiar": None, "familiarity": None}
-    seen, alone = page.caption(upload, model="ensemble")[3], page.caption(upload)[3]
+    seen, alone = page.caption(upload, model="ensemble")[3], page.caption(upload, model="lite0")[3]
     assert seen["objects"] == alone["objects"] != [] and seen["familiar"] is alone["familiar"] is not None
     assert f"CIDEr {cider['ensemble']} (beam5_lp2)" in page.caption(upload, model="ensemble")[2]
     view = page.explain(upload, model="ensemble")
@@ -352,9 +360,9 @@ NO_TENSORFLOW = """
 import sys
 sys.modules["tensorflow"] = sys.modules["keras"] = None  # as if neither were installed
 from captioner import Captioner
-from webapp.models import ModelChoices, ModelUnavailable, bundled_choices
-default = Captioner.from_pretrained(None)
-models = ModelChoices(default, bundled_choices(default))
+from webapp.models import ModelUnavailable, bundled_choices, page_models
+lite0 = Captioner.from_pretrained(None)
+models = page_models(lite0, bundled_choices(lite0))
 print(" | ".join(label for label, _ in models.menu()))  # before anyone chose them
 for name in ("resnet50", "ensemble", "resnet50", "ensemble-lite1"):
     try:
@@ -362,15 +370,15 @@ for name in ("resnet50", "ensemble", "resnet50", "ensemble-lite1"):
         print("loaded", name)
     except ModelUnavailable as exc:
         print(exc)
+print(models.get("lite0")[1].caption("examples/dog.jpg").text)
 print(models.get(None)[1].caption("examples/dog.jpg").text)
-print(models.get("ensemble-lite1")[1].caption("examples/dog.jpg").text)
 """
 
 
 def test_resnet50_without_tensorflow_says_what_to_install(tmp_path):
     """The bundled ResNet50 on a server without TensorFlow, nothing cached (its OpenVINO model, its converted
-    ImageNet weights): marked in the menu from the start, the sentence when chosen, and the default and the Lite0 +
-    Lite1 ensemble (both encoders int8 OpenVINO models in their folders) still caption."""
+    ImageNet weights): marked in the menu from the start, the sentence when chosen, and the default, the Lite0 +
+    Lite1 ensemble, and Lite0 alone (both encoders int8 OpenVINO models in their folders) still caption."""
     env = {**os.environ, "CAPTIONER_CACHE": str(tmp_path / "cache"), "XDG_CACHE_HOME": str(tmp_path / "xdg"),
            "KERAS_HOME": str(tmp_path / "keras")}
     result = subprocess.run([sys.executable, "-c", NO_TENSORFLOW], cwd=ROOT, env=env, capture_output=True, text=True,
@@ -378,7 +386,8 @@ def test_resnet50_without_tensorflow_says_what_to_install(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     menu, resnet50, ensemble, again, lite1, caption, lite1_caption = result.stdout.strip().splitlines()[-7:]
     # Known without trying (no TensorFlow, nothing cached): the menu marks them from the start.
-    assert [label.endswith("(can't be loaded here)") for label in menu.split(" | ")] == [False, True, True, False]
+    assert [label.endswith("(can't be loaded here)") for label in menu.split(" | ")] == [False, False, True, True]
+    assert menu.startswith("Lite0 + Lite1 ensemble (default)")
     assert lite1 == "loaded ensemble-lite1" and lite1_caption.strip()
     assert resnet50 == again == f"ResNet50 can't be loaded on this server: its encoder needs TensorFlow, which isn't installed here. {RESNET50_FIX}"
     assert ensemble == f"The Lite0 + ResNet50 ensemble needs ResNet50. {resnet50}"

@@ -6,6 +6,7 @@ a caption into what the page shows. No layout here (app.py), and no Gradio serve
     gallery, summary, table, downloads = page.caption_many([upload, ...], "greedy")
     page = CaptionPage(captioner, examples, more_models=bundled_choices(captioner))   # a model choice (webapp/models.py)
     caption, *_ = page.caption(upload, "beam", 5, model="resnet50")                     # loaded on first use
+    # (on the bundled weights the default is then the Lite0 + Lite1 ensemble, and captioner is offered as "lite0")
 
 Each handler takes the request's values as Gradio sends them with preprocess=False (file objects, numbers,
 strings; None for a value not given) and turns the decoding settings into one `DecodingOptions` on its first
@@ -37,7 +38,7 @@ from captioner.visual import unfamiliar_note
 
 from . import uploads
 from .many_photos import caption_photos, read_once, write_csv, write_json
-from .models import ModelChoice, ModelChoices
+from .models import ModelChoice, page_models
 from .sessions import KEPT_VIEWS, VIEW_GONE
 from .uploads import RequestError, RequestImages
 
@@ -119,8 +120,9 @@ def user_error(message: str) -> gr.Error:
 
 
 class CaptionPage:
-    """The page's handlers around the default captioner (None: every request is answered with why there is none)
-    and the other models a request may choose (`more_models`, loaded on first use: webapp/models.py).
+    """The page's handlers around the captioner the app started with (None: every request is answered with why there
+    is none) and the other models a request may choose (`more_models`, loaded on first use: webapp/models.py, whose
+    `page_models` makes the bundled Lite0 + Lite1 ensemble the default when the app started on the bundled weights).
 
     images: how a request's image becomes pixels (default: RequestImages over Gradio's upload cache and `examples`,
     which starts the decode workers once, here); a model with another input size gets its own, on the same workers.
@@ -133,7 +135,6 @@ class CaptionPage:
         if captioner is None:
             self.images = None
             self.models = None
-            self.description = None
             # Why there's no model and what to do. "No trained weights" errors already say how to get them;
             # the others (damaged files, the Hub unreachable) don't.
             reason = unavailable_reason or "No weights were loaded."
@@ -141,8 +142,7 @@ class CaptionPage:
         else:
             self.images = images or RequestImages(captioner.encoder.input_size, self.examples)
             self._images_by_size = {tuple(self.images.input_size): self.images}
-            self.models = ModelChoices(captioner, more_models)
-            self.description = captioner.description
+            self.models = page_models(captioner, more_models)
             self.notice = None
         self.facts = self.facts_for(None)  # the facts line before any caption: the default model's
 
