@@ -2,6 +2,9 @@
 
     python -m benchmarks.explain [--weights weights] [--images examples/*.jpg] [--repeats 10] [--json PATH]
 
+--weights may be an ensemble's folder: `--weights weights/ensemble-lite1` times the page's default, whose explain()
+is the ensemble's caption explained through its Lite0 member.
+
 Both run from the image file to the result: decoding the file, the encoder, the decoder; explain() also
 returns the encoder's feature map, re-reads the caption through the LSTM and computes each word's
 gradient and heatmap. They are timed interleaved (caption, explain, caption, ...), after a warm-up, so
@@ -50,11 +53,12 @@ def timed(function) -> float:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from captioner import Captioner, DecodingOptions
+    from captioner import DecodingOptions
     from captioner.decoding import limit_blas_threads
+    from captioner.ensemble import load_model
 
     limit_blas_threads()  # as the app and the CLI do
-    captioner = Captioner.from_pretrained(args.weights)
+    captioner = load_model(args.weights)  # a Captioner, or an Ensemble
     images = args.images or sorted(str(p) for p in (ROOT / "examples").glob("*.jpg"))
     settings = {"greedy": DecodingOptions("greedy"), "beam5_lp2 (recommended)": DecodingOptions()}
 

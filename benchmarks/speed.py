@@ -1,7 +1,8 @@
 """How fast is the captioner on this machine? One table, and the same figures in one JSON file.
 
     python -m benchmarks.speed [--weights weights] [--images examples] [--collection DIR] [--collection-size 1024]
-                               [--repeats 5] [--skip-ray] [--skip-cold-start] [--json benchmarks/results/speed.json]
+                               [--repeats 5] [--ensemble DIR|none] [--skip-ray] [--skip-cold-start]
+                               [--json benchmarks/results/speed.json]
 
 Medians of repeated runs after warm-up, on the same images; comparisons are measured in the same run,
 interleaved where they share a line, so background load hits both sides alike:
@@ -15,6 +16,8 @@ interleaved where they share a line, so background load hits both sides alike:
   caption()    an image file to its caption (greedy; beam 5 with the recommended length penalty), p50 and
                p95, next to encode() of the same file; with the folder's encoder and decoder step, and with
                float32's ("before": the encoder converted from Keras at load, NumPy's step)
+  page default --ensemble's caption() (the page's default, the Lite0 + Lite1 ensemble, when --weights is the bundled
+               folder) from the image file, greedy and beam 5, p50 and p95, interleaved with the model's own caption()
   batch        the batch command's pipeline (captioner.batch.run_local: decode workers, encoder, decoder)
                over --collection's JPEG files, images/s once running (over the second half of its batches),
                next to the encoder alone on the same images' already decoded pixels; likewise both encoders,
@@ -145,6 +148,13 @@ def float32_twin(cap):
     return twin
 
 
+def page_default_folder(weights: Path) -> Path | None:
+    """The page's default ensemble when `weights` is the bundled folder and the checkout has the ensemble
+    (webapp.models.page_models), else None."""
+    folder = ROOT / "weights" / "ensemble-lite1"
+    return folder if Path(weights).resolve() == (ROOT / "weights").resolve() and (folder / "ensemble.json").is_file() else None
+
+
 def measure_caption(cap, images: list[Path], repeats: int, before=None) -> dict:
     runs = {"encode": lambda image: cap.encode([image]), "greedy": lambda image: cap.caption(image, method="greedy"),
             "beam5": lambda image: cap.caption(image)}
@@ -165,6 +175,24 @@ def measure_caption(cap, images: list[Path], repeats: int, before=None) -> dict:
         result[f"{name}_vs_encode"] = round(result[f"{name}_p50_ms"] / result["encode_p50_ms"], 3)
         if before is not None:
             result[f"{name}_vs_before"] = round(result[f"{name}_p50_ms"] / result[f"before_{name}_p50_ms"], 3)
+    return result
+
+
+def measure_ensemble_caption(cap, ensemble, images: list[Path], repeats: int) -> dict:
+    """The ensemble's caption() of each image file (greedy, beam 5) against the model's own, interleaved call by call."""
+    runs = {"greedy": lambda image: ensemble.caption(image, method="greedy"), "beam5": lambda image: ensemble.caption(image),
+            "alone_greedy": lambda image: cap.caption(image, method="greedy"), "alone_beam5": lambda image: cap.caption(image)}
+    samples = {name: [] for name in runs}
+    for run in runs.values():
+        run(images[0])
+    for _ in range(repeats):
+        for image in images:
+            for name, run in runs.items():
+                samples[name].append(seconds(run, image))
+    result = {f"{name}_p50_ms": ms(values) for name, values in samples.items()}
+    result.update({f"{name}_p95_ms": p95_ms(values) for name, values in samples.items()})
+    for name in ("greedy", "beam5"):
+        result[f"{name}_vs_alone"] = round(result[f"{name}_p50_ms"] / result[f"alone_{name}_p50_ms"], 3)
     return result
 
 
@@ -274,6 +302,12 @@ def table(results: dict) -> str:
         rows += [(f"before (float32 encoder and step): caption() {label}, p50 (p95) ms",
                   f"{c[f'before_{key}_p50_ms']:.1f} ({c[f'before_{key}_p95_ms']:.1f})",
                   f"now {c[f'{key}_vs_before']:.2f}x") for label, key in (("greedy", "greedy"), ("beam 5", "beam5"))]
+    p = results.get("page_default") or {}
+    if p:
+        rows += [(f"the page's default ({p['folder']}): caption() {label}, p50 (p95) ms",
+                  f"{p[f'{key}_p50_ms']:.1f} ({p[f'{key}_p95_ms']:.1f})",
+                  f"{p[f'{key}_vs_alone']:.2f}x the model alone ({p[f'alone_{key}_p50_ms']:.1f} ms)")
+                 for label, key in (("greedy", "greedy"), ("beam 5", "beam5"))]
     if b:
         rows += [
             (f"batch command, {b['images']} JPEG files (images/s)", f"{b['batch_images_per_s']:.1f}",
@@ -316,6 +350,9 @@ def main(argv=None) -> int:
     parser.add_argument("--collection-size", type=int, default=1024,
                         help="files of --collection to caption, cycled if it has fewer (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=5, help="timed passes over --images (default: %(default)s)")
+    parser.add_argument("--ensemble", default=None,
+                        help="an ensemble's folder whose caption() to time beside the model's: 'none' for none (default: "
+                             "weights/ensemble-lite1, the page's default, when --weights is the bundled folder)")
     parser.add_argument("--skip-batch", action="store_true", help="no batch command or Ray figures")
     parser.add_argument("--skip-ray", action="store_true", help="no Ray figures")
     parser.add_argument("--skip-cold-start", action="store_true", help="no new processes")
@@ -344,6 +381,16 @@ def main(argv=None) -> int:
     results["decoding"] = measure_decoding(cap, cap.encode(images), args.repeats, before)
     print("caption() ...", file=sys.stderr)
     results["caption"] = measure_caption(cap, images, args.repeats, before)
+    ensemble_folder = page_default_folder(args.weights) if args.ensemble is None else args.ensemble
+    if ensemble_folder not in (None, "none"):
+        from captioner import Ensemble
+
+        print("the page's default ...", file=sys.stderr)
+        ensemble = Ensemble.from_folder(ensemble_folder, members={args.weights: cap})  # its Lite0 is `cap`, not loaded twice
+        shown = Path(ensemble_folder).resolve()
+        shown = shown.relative_to(ROOT) if shown.is_relative_to(ROOT) else ensemble_folder  # as the README names it
+        results["page_default"] = {"folder": str(shown),
+                                   **measure_ensemble_caption(cap, ensemble, images, args.repeats)}
     if not args.skip_batch:
         collection = list_images([str(args.collection)])
         paths = [collection[i % len(collection)] for i in range(args.collection_size)]

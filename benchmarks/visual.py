@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from captioner import Captioner, DecodingOptions, Ensemble
-from captioner.ensemble import is_ensemble_folder
+from captioner import DecodingOptions, Ensemble
+from captioner.ensemble import load_model
 from captioner.weights import BUNDLED_WEIGHTS
 from training.evaluate import coco_scores
 from training.visual import SHARED, read_captions_tsv, served_features
@@ -36,7 +36,7 @@ def main(argv=None) -> int:
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "visual.json")
     args = parser.parse_args(argv)
 
-    model = Ensemble.from_folder(args.weights) if is_ensemble_folder(args.weights) else Captioner.from_pretrained(args.weights)
+    model = load_model(args.weights)  # a Captioner, or an Ensemble
     members = model.members if isinstance(model, Ensemble) else [model]
     dataset = json.loads((args.work_dir / "dataset.json").read_text())
     images, cache, sets = Path(dataset["dataset"]["images_folder"]), args.work_dir / "visual", {}

@@ -44,6 +44,22 @@ def test_speed_benchmark_tiny_run(tiny_weights, example_images, tmp_path, capsys
     assert f"{results['decoding']['greedy_ms']:.2f}" in printed and f"{batch['batch_images_per_s']:.1f}" in printed
 
 
+def test_speed_benchmark_times_the_pages_default_ensemble(tiny_weights, example_images, tmp_path, capsys):
+    """--ensemble: an ensemble's caption() (the page's default on the bundled weights) beside the model's, the model
+    shared with the ensemble as the app shares it."""
+    from captioner.ensemble import write_ensemble_file
+
+    folder = tmp_path / "pair"
+    write_ensemble_file(folder, [tiny_weights, tiny_weights], [1, 1], "a test's choice")
+    out = tmp_path / "speed.json"
+    assert speed.main(["--weights", str(tiny_weights), "--images", str(example_images[0]), "--repeats", "1",
+                       "--ensemble", str(folder), "--skip-batch", "--skip-cold-start", "--json", str(out)]) == 0
+    page = json.loads(out.read_text())["page_default"]
+    assert page["folder"] == str(folder) and page["beam5_p50_ms"] > 0 and page["greedy_vs_alone"] > 0
+    assert f"the page's default ({folder}): caption() beam 5" in capsys.readouterr().out
+    assert speed.page_default_folder(tiny_weights) is None  # only the bundled folder has the page's ensemble
+
+
 def test_the_batch_figures_count_the_pipeline_once_it_runs():
     clock = speed.Clock()
     clock.marks = [(10.0, 32), (10.1, 32), (10.2, 32), (11.2, 32), (12.0, 16)]  # a burst, then the steady pace

@@ -333,3 +333,16 @@ def test_the_test_evaluation_makes_the_out_folder_an_ensembles(pair, member_fold
     main(["--members", *map(str, member_folders), "--work-dirs", *map(str, work_dirs), "--split", "test",
           "--weightings", "0.7,0.3", "--out", str(out), "--no-meteor", "--chosen-on", "by hand"])
     assert read_ensemble_folder(out).chosen_on == "by hand"
+
+
+def test_the_explain_benchmark_times_an_ensemble_folder(ensemble_folder, example_images, tmp_path, capsys):
+    """`python -m benchmarks.explain --weights weights/ensemble-lite1` times the page's default: the ensemble's caption,
+    explained through a member."""
+    from benchmarks import explain as benchmark
+
+    out = tmp_path / "explain.json"
+    assert benchmark.main(["--weights", str(ensemble_folder), "--images", str(example_images[0]), "--repeats", "1",
+                           "--json", str(out)]) == 0
+    assert str(ensemble_folder) in capsys.readouterr().out
+    results = json.loads(out.read_text())
+    assert results["greedy"]["explain_p50_ms"] > 0 and results["greedy"]["plain_caption_p50_ms"] > 0

@@ -113,7 +113,7 @@ def test_smoke_run_writes_every_steps_outputs(smoke_run):
         assert all(0.0 <= scores[name] <= 10.0 for name in COCO_METRICS)
     assert "| decoding |" in (out / "metrics.md").read_text()
     timings = json.loads((out / "timings.json").read_text())
-    assert list(timings["seconds"]) == ["prepare", "glove", "features", "train", "self_critical", "evaluate", "export_decoder",
+    assert list(timings["seconds"]) == ["prepare", "glove", "features", "train", "self_critical", "export_decoder", "evaluate",
                                         "model_card"]
     assert folder.decoder_step == out / "decoder.onnx"  # the int8 step, which the captioner below runs
 

@@ -1,10 +1,12 @@
 """Every training step in one command, from the images to a finished weights folder:
 
-    prepare -> glove -> convert_encoder -> features -> train -> self_critical -> evaluate -> export_encoder
-            -> imagenet_head -> visual -> export_decoder -> model_card
+    prepare -> glove -> convert_encoder -> features -> train -> self_critical -> export_encoder
+            -> imagenet_head -> visual -> export_decoder -> evaluate -> model_card
 
-    python -m training.run_all [--data ../shared/flickr8k] [--work-dir artifacts] [--out weights]
+    python -m training.run_all [--data ../shared/flickr8k] [--work-dir artifacts] [--out weights] [--flip]
         [--encoder efficientnet_lite0] [--random-encoder] [--limit N] [--epochs E] [--scst-epochs S] [--seed N] [--skip-eval]
+
+The bundled models are `--flip` runs: cross-entropy on the training photos and their mirror images.
     python -m training.run_all --dataset karpathy --data dataset_flickr30k.json --images flickr30k-images --work-dir artifacts-f30k --out weights-f30k
     python -m training.run_all --dataset csv --data captions.csv --images photos --init-from weights --out weights-mine
 
@@ -108,8 +110,6 @@ def steps(run: RunConfig) -> list[tuple[str, callable, object]]:
     if run.scst_epochs:
         planned.append(("self_critical", scst.self_critical, scst.SelfCriticalConfig(work, out, out, epochs=run.scst_epochs,
                                                                                      seed=run.seed)))
-    if not run.skip_eval:
-        planned.append(("evaluate", evaluate.evaluate, evaluate.EvaluateConfig(out, work, no_meteor=run.no_meteor)))
     # The folder's encoder as an OpenVINO model (int8 by default), for the folders that carry their encoder's weights.
     if run.encoder_precision != "none" and not run.random_encoder and (encoder in convert_encoder.WHEELS or encoder_file):
         planned.append(("export_encoder", export_encoder.export, export_encoder.ExportConfig(out, work, run.encoder_precision)))
@@ -122,6 +122,9 @@ def steps(run: RunConfig) -> list[tuple[str, callable, object]]:
     # The decoder's step in int8 (after the visual words: its graph holds the words they add).
     if run.decoder_precision == "int8":
         planned.append(("export_decoder", export_decoder.export, export_decoder.ExportDecoderConfig(out, work)))
+    # Scored last, so that metrics.json is the folder's as it serves: naming what the classifier sees, the int8 step.
+    if not run.skip_eval:
+        planned.append(("evaluate", evaluate.evaluate, evaluate.EvaluateConfig(out, work, no_meteor=run.no_meteor)))
     planned.append(("model_card", model_card.write_model_card, out))
     return planned
 
