@@ -23,7 +23,7 @@ from captioner import DecodingOptions, Ensemble
 from captioner.ensemble import load_model
 from captioner.weights import BUNDLED_WEIGHTS
 from training.evaluate import coco_scores
-from training.visual import SHARED, read_captions_tsv, served_features
+from training.visual import SHARED, per_image_cider, read_captions_tsv, served_features
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -78,19 +78,6 @@ def main(argv=None) -> int:
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=1, default=str) + "\n")
     return 0
-
-
-def per_image_cider(references: dict[str, list[str]], hypotheses: dict[str, str], names: list[str]) -> np.ndarray:
-    """Each photo's CIDEr (pycocoevalcap's, over these photos' references), in the order of `names`."""
-    from pycocoevalcap.cider.cider import Cider
-    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
-
-    tokenizer = PTBTokenizer()
-    refs = tokenizer.tokenize({n: [{"caption": c} for c in references[n]] for n in names})
-    hyps = tokenizer.tokenize({n: [{"caption": hypotheses[n]}] for n in names})
-    _, per_image = Cider().compute_score(refs, hyps)
-    order = {name: index for index, name in enumerate(refs)}
-    return np.asarray(per_image, np.float64)[[order[n] for n in names]]
 
 
 if __name__ == "__main__":

@@ -5,8 +5,6 @@
 
     python -m training.run_all [--data ../shared/flickr8k] [--work-dir artifacts] [--out weights] [--flip]
         [--encoder efficientnet_lite0] [--random-encoder] [--limit N] [--epochs E] [--scst-epochs S] [--seed N] [--skip-eval]
-
-The bundled models are `--flip` runs: cross-entropy on the training photos and their mirror images.
     python -m training.run_all --dataset karpathy --data dataset_flickr30k.json --images flickr30k-images --work-dir artifacts-f30k --out weights-f30k
     python -m training.run_all --dataset csv --data captions.csv --images photos --init-from weights --out weights-mine
 
@@ -14,7 +12,8 @@ The bundled models are `--flip` runs: cross-entropy on the training photos and t
 CSV/TSV of image,caption rows (training/datasets.py); files without splits get --split-file's or a seeded split.
 --init-from fine-tunes a weights folder instead of training from random weights (training/finetune.py): its
 vocabulary grows by the new data's frequent words, its own encoder computes the features, cross-entropy training
-starts from its weights at a tenth of the learning rate.
+starts from its weights at a tenth of the learning rate. The bundled models are `--flip` runs: cross-entropy on the
+training photos and on their mirror images (README, *Training on mirrored photos*).
 
 Each step is called with its own config dataclass, built from this run's options (whose defaults are the
 steps' own). Every step resumes (features are saved in chunks, both trainings restore their last epoch), so

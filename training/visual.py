@@ -286,23 +286,29 @@ def read_captions_tsv(path: Path) -> dict[str, list[str]]:
 def scored(captioner: Captioner, words: VisualWords | None, features, names, references) -> dict:
     """Captions with the recommended decoding, naming objects with `words` (None: plain) -> their CIDEr, BLEU-4,
     per-image CIDEr and mean log-probability per token."""
-    from pycocoevalcap.cider.cider import Cider
-    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
-
     naming = Naming.grown(captioner.step_model, captioner.vocab, words) if words else None
     task = DecodingTask(captioner.step_model, captioner.vocab, DecodingOptions(name_objects=naming is not None),
                         captioner.config.max_new_tokens, naming)
     found = task.run(features, class_probabilities=captioner.head.probabilities(features))
     hypotheses = {n: task.words.decode(h[0].tokens) for n, h in zip(names, found)}
     scores = coco_scores(references, hypotheses)
+    return {"CIDEr": round(scores["CIDEr"], 4), "BLEU-4": round(scores["BLEU-4"], 4),
+            "per_image": per_image_cider(references, hypotheses, names),
+            "sureness": np.array([mean_token_log_prob(h[0]) for h in found]), "captions": hypotheses,
+            "tokens": [h[0].tokens for h in found]}
+
+
+def per_image_cider(references: dict[str, list[str]], hypotheses: dict[str, str], names: list[str]) -> np.ndarray:
+    """Each photo's CIDEr (pycocoevalcap's, over these photos' references), in the order of `names`."""
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
     tokenizer = PTBTokenizer()
     refs = tokenizer.tokenize({n: [{"caption": c} for c in references[n]] for n in names})
     hyps = tokenizer.tokenize({n: [{"caption": hypotheses[n]}] for n in names})
     _, per_image = Cider().compute_score(refs, hyps)
-    return {"CIDEr": round(scores["CIDEr"], 4), "BLEU-4": round(scores["BLEU-4"], 4),
-            "per_image": np.asarray(per_image, np.float64)[[list(refs).index(n) for n in names]],
-            "sureness": np.array([mean_token_log_prob(h[0]) for h in found]), "captions": hypotheses,
-            "tokens": [h[0].tokens for h in found]}
+    order = {name: index for index, name in enumerate(refs)}
+    return np.asarray(per_image, np.float64)[[order[n] for n in names]]
 
 
 def build(config: VisualConfig) -> dict:
