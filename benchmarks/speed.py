@@ -155,13 +155,9 @@ def page_default_folder(weights: Path) -> Path | None:
     return folder if Path(weights).resolve() == (ROOT / "weights").resolve() and (folder / "ensemble.json").is_file() else None
 
 
-def measure_caption(cap, images: list[Path], repeats: int, before=None) -> dict:
-    runs = {"encode": lambda image: cap.encode([image]), "greedy": lambda image: cap.caption(image, method="greedy"),
-            "beam5": lambda image: cap.caption(image)}
-    if before is not None:  # interleaved with the same calls on the float32 encoder
-        runs.update({"before_encode": lambda image: before.encode([image]),
-                     "before_greedy": lambda image: before.caption(image, method="greedy"),
-                     "before_beam5": lambda image: before.caption(image)})
+def interleaved_percentiles(runs: dict, images: list[Path], repeats: int) -> dict:
+    """Each run (a function of one image) on every image, `repeats` passes, the runs in turn for each image after one
+    warm-up call each -> "<name>_p50_ms" and "<name>_p95_ms" for every run."""
     samples = {name: [] for name in runs}
     for run in runs.values():
         run(images[0])
@@ -171,6 +167,17 @@ def measure_caption(cap, images: list[Path], repeats: int, before=None) -> dict:
                 samples[name].append(seconds(run, image))
     result = {f"{name}_p50_ms": ms(values) for name, values in samples.items()}
     result.update({f"{name}_p95_ms": p95_ms(values) for name, values in samples.items()})
+    return result
+
+
+def measure_caption(cap, images: list[Path], repeats: int, before=None) -> dict:
+    runs = {"encode": lambda image: cap.encode([image]), "greedy": lambda image: cap.caption(image, method="greedy"),
+            "beam5": lambda image: cap.caption(image)}
+    if before is not None:  # interleaved with the same calls on the float32 encoder
+        runs.update({"before_encode": lambda image: before.encode([image]),
+                     "before_greedy": lambda image: before.caption(image, method="greedy"),
+                     "before_beam5": lambda image: before.caption(image)})
+    result = interleaved_percentiles(runs, images, repeats)
     for name in ("greedy", "beam5"):
         result[f"{name}_vs_encode"] = round(result[f"{name}_p50_ms"] / result["encode_p50_ms"], 3)
         if before is not None:
@@ -182,15 +189,7 @@ def measure_ensemble_caption(cap, ensemble, images: list[Path], repeats: int) ->
     """The ensemble's caption() of each image file (greedy, beam 5) against the model's own, interleaved call by call."""
     runs = {"greedy": lambda image: ensemble.caption(image, method="greedy"), "beam5": lambda image: ensemble.caption(image),
             "alone_greedy": lambda image: cap.caption(image, method="greedy"), "alone_beam5": lambda image: cap.caption(image)}
-    samples = {name: [] for name in runs}
-    for run in runs.values():
-        run(images[0])
-    for _ in range(repeats):
-        for image in images:
-            for name, run in runs.items():
-                samples[name].append(seconds(run, image))
-    result = {f"{name}_p50_ms": ms(values) for name, values in samples.items()}
-    result.update({f"{name}_p95_ms": p95_ms(values) for name, values in samples.items()})
+    result = interleaved_percentiles(runs, images, repeats)
     for name in ("greedy", "beam5"):
         result[f"{name}_vs_alone"] = round(result[f"{name}_p50_ms"] / result[f"alone_{name}_p50_ms"], 3)
     return result
