@@ -151,8 +151,12 @@ def float32_twin(cap):
 def page_default_folder(weights: Path) -> Path | None:
     """The page's default ensemble when `weights` is the bundled folder and the checkout has the ensemble
     (webapp.models.page_models), else None."""
-    folder = ROOT / "weights" / "ensemble-lite1"
-    return folder if Path(weights).resolve() == (ROOT / "weights").resolve() and (folder / "ensemble.json").is_file() else None
+    from captioner.ensemble import is_ensemble_folder
+    from captioner.weights import BUNDLED_WEIGHTS
+    from webapp.models import BUNDLED_LITE1_ENSEMBLE
+
+    bundled = Path(weights).resolve() == BUNDLED_WEIGHTS.resolve()
+    return BUNDLED_LITE1_ENSEMBLE if bundled and is_ensemble_folder(BUNDLED_LITE1_ENSEMBLE) else None
 
 
 def interleaved_percentiles(runs: dict, images: list[Path], repeats: int) -> dict:

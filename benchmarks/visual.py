@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     dataset = json.loads((args.work_dir / "dataset.json").read_text())
     images, cache, sets = Path(dataset["dataset"]["images_folder"]), args.work_dir / "visual", {}
 
-    def features(paths: list[Path], name: str):
+    def served(paths: list[Path], name: str):
         """The photos' features as the app computes them: each member's from its own serving encoder."""
         each = [served_features(member, paths, cache / (name if number == 0 else f"{name}_{member.config.encoder}"))
                 for number, member in enumerate(members)]
@@ -49,11 +49,11 @@ def main(argv=None) -> int:
 
     for split in ("dev", "test"):
         names = [name for name in dataset["splits"][split] if (images / name).is_file()]
-        sets[f"flickr8k_{split}"] = (features([images / n for n in names], f"flickr8k_{split}"),
+        sets[f"flickr8k_{split}"] = (served([images / n for n in names], f"flickr8k_{split}"),
                                      names, {n: dataset["splits"][split][n] for n in names})
     references = read_captions_tsv(args.coco_dev / "captions.tsv")
     names = sorted(references)
-    sets["coco_dev"] = (features([args.coco_dev / "images" / n for n in names], "coco_dev"), names, references)
+    sets["coco_dev"] = (served([args.coco_dev / "images" / n for n in names], "coco_dev"), names, references)
 
     recommended = DecodingOptions()
     report = {"weights": str(args.weights), "recommended_decoding": {k: v for k, v in vars(recommended).items()}}

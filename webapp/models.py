@@ -45,8 +45,8 @@ BUNDLED_RESNET50 = BUNDLED_WEIGHTS / "resnet50"
 # The ensemble of the two: its ensemble.json names them and their weights (chosen on dev), its metrics.json has
 # its test scores (training.evaluate_ensemble writes both).
 BUNDLED_ENSEMBLE = BUNDLED_WEIGHTS / "ensemble"
-# Lite0 with an EfficientNet-Lite1 run (weights/lite1/, an int8 IR like Lite0's): an ensemble that scores as the one
-# above and needs no TensorFlow, so a Space (requirements.txt) runs it too.
+# Lite0 with an EfficientNet-Lite1 run (weights/lite1/, an int8 IR like Lite0's): the best model measured on dev, and it
+# needs no TensorFlow, so a Space (requirements.txt) runs it: the page's default on the bundled weights (page_models).
 LITE1_ENSEMBLE = "ensemble-lite1"
 BUNDLED_LITE1 = BUNDLED_WEIGHTS / "lite1"
 BUNDLED_LITE1_ENSEMBLE = BUNDLED_WEIGHTS / "ensemble-lite1"
