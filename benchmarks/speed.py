@@ -10,7 +10,8 @@ interleaved where they share a line, so background load hits both sides alike:
   encoder      encode_pixels() on prepared uint8 pixels, ms per image at batch 1 and 8: TensorFlow, OpenVINO float32
                (the Keras encoder converted at load: the code before issue 19), and the weights folder's own
                OpenVINO model (encoder.xml: int8 for the bundled folder; one image with its preprocessing inside
-               it), interleaved
+               it), interleaved; and, for the folder's model and float32's both compiled as that one-image model,
+               the time inside their layers by OpenVINO's per-layer counters (what bounds the int8 model's gain)
   decoding     caption_features() from one image's features, ms per caption: greedy, beam 3, 5, 10; with the
                folder's int8 step (decoder.onnx) and with NumPy's float32 step (before), interleaved
   caption()    an image file to its caption (greedy; beam 5 with the recommended length penalty), p50 and
@@ -108,7 +109,46 @@ def measure_encoders(cap, pixels: np.ndarray, repeats: int) -> dict:
                 samples[name, 1].append(seconds(encoder.encode_pixels, pixels[i : i + 1]))
         for name, encoder in encoders.items():
             samples[name, 8].append(seconds(encoder.encode_pixels, batch) / 8)
-    return {f"{name}_batch{size}_ms": ms(values) for (name, size), values in samples.items()}
+    result = {f"{name}_batch{size}_ms": ms(values) for (name, size), values in samples.items()}
+    if "folder" in encoders:
+        result.update(measure_encoder_layers(cap, pixels, repeats))
+    return result
+
+
+# OpenVINO's layer types, as the encoder layers figures group them (EfficientNet-Lite: the stem and the 1x1
+# convolutions are Convolution, the depthwise ones GroupConvolution; the rest is pooling, padding and reorders).
+LAYER_KINDS = {"Convolution": "convolution", "GroupConvolution": "depthwise"}
+
+
+def measure_encoder_layers(cap, pixels: np.ndarray, repeats: int) -> dict:
+    """What bounds the folder's encoder.xml against float32: the time inside the network's layers, by OpenVINO's
+    per-layer counters, of each as serving compiles one image (backends.one_image_model: batch 1, uint8 pixels,
+    the preprocessing inside), the float32 model converted from Keras as serving converted it before issue 19.
+    ms per image (medians, interleaved): all layers, and the convolutions and depthwise convolutions among them."""
+    from collections import defaultdict
+
+    from captioner import backends
+
+    ov = backends.import_openvino()
+    core, config = ov.Core(), {**backends.OPENVINO_CONFIG, "PERF_COUNT": "YES"}
+    models = {"openvino": backends._convert(backends._with_pooling(cap.encoder.feature_map_model)),
+              "folder": core.read_model(str(cap.weights.encoder_ir))}
+    requests = {name: core.compile_model(backends.one_image_model(model, cap.encoder.spec.pixel_normalization), "CPU",
+                                         config).create_infer_request() for name, model in models.items()}
+    samples = defaultdict(list)
+    for request in requests.values():
+        request.infer([pixels[:1]])  # warm-up
+    for _ in range(repeats):
+        for i in range(len(pixels)):
+            for name, request in requests.items():
+                request.infer([pixels[i : i + 1]])
+                kinds = defaultdict(float)
+                for layer in request.profiling_info:
+                    kinds[LAYER_KINDS.get(layer.node_type, "other")] += layer.real_time.total_seconds()
+                samples[f"{name}_layers_ms"].append(sum(kinds.values()))
+                for kind in LAYER_KINDS.values():
+                    samples[f"{name}_{kind}_ms"].append(kinds[kind])
+    return {key: ms(values) for key, values in samples.items()}
 
 
 def measure_decoding(cap, features: np.ndarray, repeats: int, before=None) -> dict:
@@ -297,6 +337,11 @@ def table(results: dict) -> str:
         rows[2:2] = [(f"encoder, batch {n} (ms/image): OpenVINO float32 / the folder's encoder.xml",
                       f"{e[f'openvino_batch{n}_ms']:.2f} / {e[f'folder_batch{n}_ms']:.2f}",
                       f"{e[f'openvino_batch{n}_ms'] / e[f'folder_batch{n}_ms']:.2f}x faster") for n in (1, 8)]
+        rows.insert(4, ("encoder's layers alone, batch 1 (ms/image, OpenVINO's counters): float32 / encoder.xml",
+                        f"{e['openvino_layers_ms']:.2f} / {e['folder_layers_ms']:.2f}",
+                        (f"{e['openvino_layers_ms'] / e['folder_layers_ms']:.2f}x faster; convolutions "
+                         f"{e['openvino_convolution_ms'] / e['folder_convolution_ms']:.2f}x, depthwise "
+                         f"{e['openvino_depthwise_ms'] / e['folder_depthwise_ms']:.2f}x")))
     if "before_greedy_ms" in d:
         rows.insert(rows.index(next(r for r in rows if r[0].startswith("decoding from features"))) + 1,
                     ("before (NumPy's float32 step): decoding from features (ms/caption)",

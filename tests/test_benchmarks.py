@@ -60,6 +60,19 @@ def test_speed_benchmark_times_the_pages_default_ensemble(tiny_weights, example_
     assert speed.page_default_folder(tiny_weights) is None  # only the bundled folder has the page's ensemble
 
 
+def test_the_encoder_layers_figures_time_the_bundled_int8_model_and_float32_inside_their_layers(example_images):
+    """What bounds the int8 encoder's gain: the bundled encoder.xml and float32's model converted from Keras, each
+    compiled as serving compiles one image, timed by OpenVINO's per-layer counters."""
+    from captioner import Captioner
+    from captioner.weights import BUNDLED_WEIGHTS
+
+    cap = Captioner.from_pretrained(BUNDLED_WEIGHTS)
+    figures = speed.measure_encoder_layers(cap, cap.prepare_pixels(example_images[:2]), repeats=1)
+    assert set(figures) == {f"{model}_{kind}_ms" for model in ("openvino", "folder") for kind in ("layers", "convolution", "depthwise")}
+    for model in ("openvino", "folder"):  # EfficientNet-Lite's convolutions and depthwise ones are most of its layers' time
+        assert 0 < figures[f"{model}_depthwise_ms"] < figures[f"{model}_convolution_ms"] < figures[f"{model}_layers_ms"]
+
+
 def test_the_batch_figures_count_the_pipeline_once_it_runs():
     clock = speed.Clock()
     clock.marks = [(10.0, 32), (10.1, 32), (10.2, 32), (11.2, 32), (12.0, 16)]  # a burst, then the steady pace
