@@ -56,14 +56,14 @@ RESNET50_FIX = (
     "To offer it: `pip install -r training/requirements.txt` (TensorFlow) and `python -m training.convert_encoder "
     "--encoder resnet50` (its ImageNet weights, which Keras would otherwise download), then restart the app."
 )
+LITE0_SEES = "It shows what its image classifier sees, can name it in the caption and flags unfamiliar photos."
 LITE0_ABOUT = (
     "The bundled model: an EfficientNet-Lite0 encoder (int8, OpenVINO) with an LSTM decoder, self-critical trained. "
-    "It shows what its image classifier sees, can name it in the caption and flags unfamiliar photos."
+    + LITE0_SEES
 )
 LITE0_ALONE_ABOUT = (
     "The bundled EfficientNet-Lite0 alone, the default ensemble's first member: the fastest choice, about twice as fast "
-    "as the ensemble, with lower scores. It shows what its image classifier sees, can name it in the caption and "
-    "flags unfamiliar photos."
+    "as the ensemble, with lower scores. " + LITE0_SEES
 )
 RESNET50_ABOUT = (
     "The reference recipe: a ResNet50 encoder with the same LSTM decoder, self-critical trained. It has no image "
